@@ -1,0 +1,27 @@
+# Set-up and entry points. Both targets create/refresh ./.venv and install megaslm with pinned dependencies.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.megaslm-installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/megaslm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_loss_head.py
+	$(PY) bench/bench_zero_stages.py
+
+clean:
+	rm -rf $(VENV) demo_run

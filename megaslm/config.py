@@ -1,0 +1,289 @@
+"""Typed run configuration: YAML file + `--set section.key=value` overrides.
+
+The dataclasses below are the single source of truth for every key, its type and its default. Unknown keys,
+wrong types and bad values are errors (`UserError`) that name the key path and the file. The resolved config is
+written into the run directory, so a run can always be reproduced from what it wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megaslm.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS = ("tiny", "tinyllama-1.1b", "llama2-7b", "mistral-7b")
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""  # required: checkpoints, metrics.jsonl, config.yaml and wandb files go here
+    name: str | None = None  # defaults to the run directory's name
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    init_from: str | None = None  # a local Hugging Face checkpoint directory (overrides preset)
+    vocab_size: int | None = None  # default: the shards' vocab size
+    activation_checkpointing: bool = False
+    dtype: str = "auto"  # auto: bf16 on GPUs that have it, else fp32
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # required: shard directory written by `megaslm prepare`
+    valid: str | None = None  # shard directory for held-out validation loss
+    tokenizer: str | None = None  # copied into exports; default: the tokenizer recorded in the shards' meta
+    valid_sequences: int = 64  # sequences used for each validation pass
+    track_sources: bool = False  # log per-source token counts / selected fraction
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: only at the end (if data.valid is set)
+    log_every: int = 1
+    peak_tflops: float | None = None  # per device, for MFU; default from a table of known GPUs
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero2.json"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled; the WANDB_MODE environment variable wins
+    project: str = "megaslm"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SLMConfig:
+    ratio: float = 0.6  # keep this fraction of labelled tokens (paper: 0.6 at 1.1B, 0.7 at 7B)
+    scope: str = "global"  # sequence | rank | global
+
+
+@dataclass
+class ReferenceConfig:
+    path: str | None = None  # local Hugging Face directory of the reference model
+    placement: str = "auto"  # auto | replicated | zero3 | zero3_offload
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    objective: str = "clm"  # clm | slm
+    slm: SLMConfig = field(default_factory=SLMConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    """Check/convert one value against its annotated type; errors name the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, src)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list):
+            raise UserError(f"{src}: {key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{src}: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{src}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{src}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise UserError(f"{src}: {key} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str, src: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{src}: {prefix or 'the config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            path = f"{prefix}.{k}" if prefix else str(k)
+            raise UserError(f"{src}: unknown config key '{path}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] if data[f.name] is not None else {}, key, src)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, key, src)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(cfg: Config, src: str = "config") -> Config:
+    def bad(key: str, msg: str) -> UserError:
+        return UserError(f"{src}: {key} {msg}")
+
+    if not cfg.run.dir:
+        raise bad("run.dir", "is required (the run directory)")
+    if not cfg.data.train:
+        raise bad("data.train", "is required (a shard directory written by `megaslm prepare`)")
+    if cfg.model.init_from is None and cfg.model.preset not in PRESETS:
+        raise bad("model.preset", f"must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}")
+    if cfg.model.dtype not in ("auto", "bf16", "fp32"):
+        raise bad("model.dtype", f"must be auto, bf16 or fp32, got {cfg.model.dtype!r}")
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < 2:
+        raise bad("model.vocab_size", f"must be >= 2, got {cfg.model.vocab_size}")
+    t = cfg.train
+    for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
+        if getattr(t, name) < 1:
+            raise bad(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    for name in ("save_every", "eval_every", "warmup_steps"):
+        if getattr(t, name) < 0:
+            raise bad(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    if t.log_every < 1:
+        raise bad("train.log_every", f"must be >= 1, got {t.log_every}")
+    if t.keep_checkpoints < 1:
+        raise bad("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    if not t.lr > 0:
+        raise bad("train.lr", f"must be > 0, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise bad("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    if t.grad_clip < 0:
+        raise bad("train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
+    if cfg.data.valid_sequences < 1:
+        raise bad("data.valid_sequences", f"must be >= 1, got {cfg.data.valid_sequences}")
+    if cfg.objective not in ("clm", "slm"):
+        raise bad("objective", f"must be clm or slm, got {cfg.objective!r}")
+    if not 0 < cfg.slm.ratio <= 1:
+        raise bad("slm.ratio", f"must be in (0, 1], got {cfg.slm.ratio}")
+    if cfg.slm.scope not in ("sequence", "rank", "global"):
+        raise bad("slm.scope", f"must be sequence, rank or global, got {cfg.slm.scope!r}")
+    if cfg.reference.placement not in ("auto", "replicated", "zero3", "zero3_offload"):
+        raise bad("reference.placement",
+                  f"must be auto, replicated, zero3 or zero3_offload, got {cfg.reference.placement!r}")
+    if cfg.objective == "slm" and not cfg.reference.path:
+        raise bad("reference.path", "is required when objective is slm")
+    if cfg.wandb.mode not in ("online", "offline", "disabled"):
+        raise bad("wandb.mode", f"must be online, offline or disabled, got {cfg.wandb.mode!r}")
+    if cfg.parallel.tensor < 1:
+        raise bad("parallel.tensor", f"must be >= 1, got {cfg.parallel.tensor}")
+    return cfg
+
+
+def from_dict(data: dict, src: str = "config") -> Config:
+    return validate(_build(Config, data, "", src), src)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, validate, and return it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        _apply_override(data, item)
+    return from_dict(data, str(p))
+
+
+def resolve_path(path: str) -> Path:
+    """Find a file named relative to the cwd, else relative to the megaslm checkout (for ds_configs/...)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / p
+    if alt.exists():
+        return alt
+    named = REPO_ROOT / "ds_configs" / f"{path}.json"  # `deepspeed.config: zero3` is accepted too
+    if named.exists():
+        return named
+    return p
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,189 @@
+"""`megaslm demo`: the Rho-1 experiment, end to end, on a CPU, with text that ships on this machine.
+
+1. clean corpus (docstrings of sympy / networkx / mpmath) -> tokenizer -> train the reference model (CLM)
+   -> export it to a Hugging Face directory;
+2. noisy corpus (more clean prose, disjoint, mixed with Debian changelogs) -> a CLM baseline and an SLM model from
+   the same init, on the same token order and budget;
+3. held-out loss on clean text for both over training, the selected fraction per source, a PNG plot and a
+   markdown report in the output directory.
+Every training run uses the real DeepSpeed engine (ZeRO-2) across 2 processes over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from megaslm.parallel.dist import free_port
+
+FULL = dict(clean_bytes=2_000_000, noisy_bytes=3_000_000, valid_bytes=200_000, vocab=2000, seq_len=128,
+            micro_batch=8, ref_steps=300, steps=300, eval_every=25, valid_sequences=96)
+QUICK = dict(clean_bytes=300_000, noisy_bytes=400_000, valid_bytes=60_000, vocab=1000, seq_len=64,
+             micro_batch=4, ref_steps=20, steps=20, eval_every=10, valid_sequences=16)
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _megaslm(*args: str) -> None:
+    cmd = [sys.executable, "-m", "megaslm.cli", *args]
+    subprocess.run(cmd, check=True)
+
+
+def _train(cfg: dict, path: Path, nproc: int = 2) -> None:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", "megaslm.cli", "train", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+           "WANDB_SILENT": "true"}
+    subprocess.run(cmd, check=True, env=env)
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_demo(out: str = "demo_run", quick: bool = False, steps: int | None = None) -> int:
+    from megaslm.data.corpus import build_demo_corpora
+
+    p = dict(QUICK if quick else FULL)
+    if steps:
+        p["steps"] = p["ref_steps"] = steps
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    _say(f"1/6 building corpora from text on this machine into {root / 'corpus'}")
+    paths = build_demo_corpora(str(root / "corpus"), p["clean_bytes"], p["noisy_bytes"], p["valid_bytes"], seed=0)
+    clean, noisy_clean, noisy_noise, valid = (paths["clean_train"], paths["noisy_train_clean"],
+                                              paths["noisy_train_noise"], paths["clean_valid"])
+
+    _say(f"2/6 training a SentencePiece tokenizer (vocab {p['vocab']})")
+    tok = root / "tokenizer"
+    _megaslm("tokenizer", "train", "--input", clean, noisy_clean, noisy_noise, "--vocab-size", str(p["vocab"]),
+             "--out", str(tok))
+
+    _say("3/6 preparing token shards")
+    shards = root / "shards"
+    _megaslm("prepare", "--input", clean, "--tokenizer", str(tok), "--out", str(shards / "clean"))
+    _megaslm("prepare", "--input", noisy_clean, noisy_noise, "--tokenizer", str(tok), "--out", str(shards / "noisy"))
+    _megaslm("prepare", "--input", valid, "--tokenizer", str(tok), "--out", str(shards / "valid"))
+
+    base = {
+        "model": {"preset": "tiny"},
+        "data": {"valid": str(shards / "valid"), "tokenizer": str(tok), "valid_sequences": p["valid_sequences"]},
+        "train": {"seq_len": p["seq_len"], "micro_batch_size": p["micro_batch"], "lr": 2e-3, "warmup_steps": 10,
+                  "eval_every": p["eval_every"], "log_every": 5, "seed": 0},
+        "deepspeed": {"config": "ds_configs/zero2.json"},
+        "wandb": {"mode": "offline", "project": "megaslm-demo"},
+    }
+
+    def cfg(name: str, **over) -> dict:
+        c = json.loads(json.dumps(base))
+        c["run"] = {"dir": str(root / "runs" / name), "name": name}
+        for k, v in over.items():
+            sec, key = k.split("__")
+            c.setdefault(sec, {})[key] = v
+        return c
+
+    _say(f"4/6 step 1 of Rho-1: reference model, CLM on clean text ({p['ref_steps']} steps, 2 processes, ZeRO-2)")
+    ref_cfg = cfg("reference", data__train=str(shards / "clean"), train__steps=p["ref_steps"])
+    _train(ref_cfg, root / "reference.yaml")
+    ref_dir = root / "reference_hf"
+    _megaslm("export", str(root / "runs" / "reference"), "--out", str(ref_dir))
+
+    _say(f"5/6 step 3 of Rho-1: CLM baseline and SLM (ratio 0.6) on the noisy corpus ({p['steps']} steps each)")
+    common = dict(data__train=str(shards / "noisy"), data__track_sources=True, train__steps=p["steps"])
+    _train(cfg("baseline_clm", **common), root / "baseline_clm.yaml")
+    slm_cfg = {**cfg("slm", **common), "objective": "slm", "slm": {"ratio": 0.6, "scope": "global"},
+               "reference": {"path": str(ref_dir), "placement": "auto"}}
+    _train(slm_cfg, root / "slm.yaml")
+    _megaslm("export", str(root / "runs" / "slm"), "--out", str(root / "slm_hf"))
+
+    _say("6/6 writing the report")
+    report = write_report(root, p, time.time() - t_start)
+    _say(f"done in {time.time() - t_start:.0f} s. Report: {report}")
+    _say(f"plot: {root / 'val_loss.png'}; runs: {root / 'runs'}; exported SLM model: {root / 'slm_hf'}")
+    return 0
+
+
+def write_report(root: Path, p: dict, elapsed: float) -> Path:
+    runs = {name: _read_metrics(root / "runs" / name) for name in ("reference", "baseline_clm", "slm")}
+    val = {name: [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+           for name, recs in runs.items()}
+    meta = json.loads((root / "shards" / "noisy" / "meta.json").read_text())
+    sources = [Path(s).name for s in meta["sources"]]
+    slm = runs["slm"]
+    per_source = {}
+    for i, name in enumerate(sources):
+        fr = [r[f"selected_frac/{i}"] for r in slm if r.get(f"selected_frac/{i}") is not None]
+        if fr:
+            per_source[name] = sum(fr) / len(fr)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, label in (("baseline_clm", "CLM baseline (noisy corpus)"), ("slm", "SLM, ratio 0.6 (noisy corpus)"),
+                        ("reference", "reference (clean corpus)")):
+        if val[name]:
+            xs, ys = zip(*val[name])
+            ax.plot(xs, ys, marker="o", ms=3, label=label, ls="--" if name == "reference" else "-")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out loss on clean text (nats/token)")
+    ax.set_title("megaslm demo: Rho-1 selective LM vs plain CLM")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(root / "val_loss.png", dpi=120)
+
+    def final(name):
+        return val[name][-1][1] if val[name] else float("nan")
+
+    def mean_of(recs, key):
+        xs = [r[key] for r in recs if r.get(key) is not None]
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    b, s = final("baseline_clm"), final("slm")
+    verdict = ("lower" if s < b else "higher") + f" than the baseline's by {abs(b - s):.4f} nats/token"
+    lines = [
+        "# megaslm demo: Rho-1 on a CPU", "",
+        f"Wall time {elapsed:.0f} s. Tiny Llama ({p['seq_len']} tokens/sequence, micro-batch {p['micro_batch']} x 2 "
+        f"processes, ZeRO-2, gloo). Reference: {p['ref_steps']} steps on clean prose; CLM and SLM: {p['steps']} "
+        "steps each on the noisy corpus, same init and same token order.", "",
+        "## Held-out loss on clean text (lower is better)", "",
+        "| step | " + " | ".join(n for n in ("baseline_clm", "slm")) + " |", "|---|---|---|",
+    ]
+    steps_b = dict(val["baseline_clm"])
+    for st, v in val["slm"]:
+        lines.append(f"| {st} | {steps_b.get(st, float('nan')):.4f} | {v:.4f} |")
+    lines += ["", f"Final: CLM baseline {b:.4f}, SLM {s:.4f}: SLM is {verdict}. "
+              f"Reference model on the same held-out text: {final('reference'):.4f}.", "",
+              "## What SLM selected (training tokens, mean over steps)", "",
+              "| source | selected fraction |", "|---|---|"]
+    for name, fr in per_source.items():
+        lines.append(f"| {name} | {fr:.3f} |")
+    lines += ["", f"Mean over SLM steps: loss on selected tokens {mean_of(slm, 'loss_selected'):.4f}, on all tokens "
+              f"{mean_of(slm, 'loss_all'):.4f}, on unselected tokens {mean_of(slm, 'loss_unselected'):.4f}, "
+              f"reference loss {mean_of(slm, 'ref_loss'):.4f}, threshold {mean_of(slm, 'threshold'):.4f}.", "",
+              "Step time (s/step, mean): CLM " f"{mean_of(runs['baseline_clm'], 'step_time'):.3f}, SLM "
+              f"{mean_of(slm, 'step_time'):.3f}.", "",
+              "![held-out loss](val_loss.png)", "",
+              "These are figures from one short run of a ~1M-parameter model; read them as a smoke test of the "
+              "pipeline, not as evidence about Rho-1 at scale."]
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (root / "report.json").write_text(json.dumps({"val": val, "per_source_selected": per_source,
+                                                   "final": {"baseline_clm": b, "slm": s,
+                                                             "reference": final("reference")},
+                                                   "elapsed_s": elapsed}, indent=2))
+    return path

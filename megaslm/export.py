@@ -1,0 +1,96 @@
+"""`megaslm export RUN_DIR --out DIR`: a Hugging Face directory from the latest complete checkpoint.
+
+DeepSpeed's ZeRO checkpoints hold each rank's partition of the fp32 master weights; `zero_to_fp32` consolidates
+them on the CPU without a process group. Vocab-sharded LM heads (tensor parallel) are concatenated back into the
+ordinary layout. The directory is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from megaslm.errors import UserError
+from megaslm.train.checkpoint import latest_tag
+
+PREFIX = "lm."  # TokenLossModel keeps the Hugging Face model as `.lm`
+
+
+def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
+    tag_dir = ckpt_root / tag
+    if any(tag_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    else:  # no ZeRO partitions: the module weights are in the model-states file
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise UserError(f"{tag_dir}: no DeepSpeed model states found")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()}
+
+
+def find_tokenizer(run_dir: Path) -> str | None:
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tok = cfg.get("data", {}).get("tokenizer")
+    if tok:
+        return tok
+    meta_path = Path(cfg["data"]["train"]) / "meta.json"
+    if meta_path.exists():
+        return json.loads(meta_path.read_text()).get("tokenizer")
+    return None
+
+
+def export(run_dir: str, out: str, tag: str | None = None) -> Path:
+    run = Path(run_dir)
+    ckpt_root = run / "checkpoints"
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a megaslm run directory (no config.yaml)")
+    tag = tag or latest_tag(ckpt_root)
+    if tag is None or not (ckpt_root / tag).is_dir():
+        raise UserError(f"{ckpt_root}: no complete checkpoint to export")
+    info = json.loads((run / "run_info.json").read_text())
+    hf_cfg = AutoConfig.from_pretrained(run / "hf_config", local_files_only=True)
+    state = consolidated_state_dict(ckpt_root, tag)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    model = model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt_root / tag} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    # Non-persistent buffers (rotary inv_freq) are not in checkpoints: take them from a freshly built module.
+    for mod in model.modules():
+        if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
+            fresh = type(mod)(mod.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                getattr(mod, name).copy_(buf)
+    dtype = getattr(torch, info.get("dtype", "float32"))
+    model = model.to(dtype)
+
+    dest = Path(out)
+    tmp = dest.with_name(dest.name + ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok = find_tokenizer(run)
+    if tok:
+        from megaslm.data.tokenizer import load_tokenizer
+
+        load_tokenizer(tok).save_pretrained(str(tmp))
+    (tmp / "megaslm_export.json").write_text(json.dumps({"run_dir": str(run.resolve()), "tag": tag,
+                                                          "tokenizer": tok}, indent=2))
+    old = dest.with_name(dest.name + ".old-export")
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest

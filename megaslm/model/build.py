@@ -1,0 +1,106 @@
+"""Build the Hugging Face model (preset or local checkpoint) and wrap it with the per-token loss head.
+
+The Hugging Face model is used as it is. `TokenLossModel` runs its decoder to the final hidden states and hands
+them, with the LM head's weight (or this tensor-parallel rank's rows of it), to `per_token_ce`, so full logits
+are never materialised. Under ZeRO-3 the model is created partitioned: never whole on one rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from megaslm.errors import UserError
+from megaslm.loss import per_token_ce
+from megaslm.model.presets import preset_config
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def load_hf_config(path: str) -> PretrainedConfig:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(p, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a bad config.json
+        raise UserError(f"{p / 'config.json'}: cannot be read as a model config: {e}") from None
+
+
+def create_model(*, preset: str | None, init_from: str | None, vocab_size: int, ds_config: dict,
+                 dtype: torch.dtype, eos_id: int | None = None, bos_id: int | None = None,
+                 mpu=None) -> nn.Module:
+    """Create the causal LM; partitioned at creation under ZeRO-3 (DeepSpeed's zero.Init / HfDeepSpeedConfig)."""
+    stage3 = zero_stage(ds_config) == 3
+    if init_from:
+        hf_cfg = load_hf_config(init_from)
+        if hf_cfg.vocab_size != vocab_size:
+            raise UserError(f"model.init_from {init_from} has vocab_size {hf_cfg.vocab_size} but the shards have "
+                            f"vocab_size {vocab_size}")
+        keep = None
+        if stage3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep = HfDeepSpeedConfig(ds_config)  # must stay alive during from_pretrained
+        try:
+            model = AutoModelForCausalLM.from_pretrained(init_from, local_files_only=True, dtype=dtype)
+        finally:
+            del keep
+        return model
+    cfg = preset_config(preset, vocab_size, eos_id=eos_id, bos_id=bos_id)
+    ctx = contextlib.nullcontext()
+    if stage3:
+        import deepspeed
+
+        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu, dtype=dtype)
+    with ctx:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model
+
+
+def lm_head_weight(lm: nn.Module) -> nn.Parameter:
+    return lm.get_output_embeddings().weight
+
+
+class TokenLossModel(nn.Module):
+    """forward(input_ids, labels) -> float32 per-token cross-entropy [B, T] (0 where labels == -100)."""
+
+    def __init__(self, lm: nn.Module, tp_group=None, chunk_size: int | None = None, zero3: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.tp_group = tp_group
+        self.chunk_size = chunk_size
+        if zero3:
+            import deepspeed
+
+            # The head's weight is used here, outside lm_head.forward: ask ZeRO-3 to gather it for our forward.
+            deepspeed.zero.register_external_parameter(self, lm_head_weight(lm))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        return per_token_ce(hidden, lm_head_weight(self.lm), labels, chunk_size=self.chunk_size,
+                            tp_group=self.tp_group)
+
+
+def count_params(lm: nn.Module) -> int:
+    """Parameter count that also works for ZeRO-3 partitioned parameters (ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
+
+
+def model_summary(lm: nn.Module) -> dict:
+    c = lm.config
+    return {"params": count_params(lm), "layers": c.num_hidden_layers, "hidden": c.hidden_size,
+            "vocab_size": c.vocab_size, "arch": type(lm).__name__}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)

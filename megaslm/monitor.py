@@ -1,0 +1,108 @@
+"""Metrics sinks, rank 0 only: console lines, RUN_DIR/metrics.jsonl, and wandb.
+
+A resumed run (after preemption or a crash) keeps one history: metrics.jsonl drops records past the step it
+resumed from, and wandb continues the same run through the id stored in RUN_DIR/wandb_id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+# Dense bf16 peak TFLOP/s per device, for the MFU estimate (override with train.peak_tflops).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "V100": 125.0}
+
+
+def device_peak_tflops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, val in PEAK_TFLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the dense weights plus 12*L*H*T for attention scores (PaLM appendix)."""
+    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class Monitor:
+    def __init__(self, run_dir: str, cfg, enabled: bool, resume_step: int, run_config: dict):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.wandb = None
+        self.t0 = time.time()
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a", buffering=1)
+        mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
+        if mode != "disabled":
+            import wandb
+
+            id_file = self.run_dir / "wandb_id"
+            if id_file.exists():
+                run_id = id_file.read_text().strip()
+            else:
+                run_id = uuid.uuid4().hex[:12]
+                id_file.write_text(run_id)
+            self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
+                                    name=cfg.wandb.name or cfg.run.name or self.run_dir.name,
+                                    group=cfg.wandb.group, tags=cfg.wandb.tags or None, id=run_id, resume="allow",
+                                    mode=mode, dir=str(self.run_dir), config=run_config)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep one line per step: drop records a crashed or preempted attempt wrote after its last checkpoint."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.replace(self.path)
+
+    def log(self, record: dict, console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            step = record.get("step")
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+        if console:
+            print(console, file=sys.stdout, flush=True)
+
+    def summary(self, values: dict) -> None:
+        if self.enabled and self.wandb is not None:
+            for k, v in values.items():
+                self.wandb.summary[k] = v
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

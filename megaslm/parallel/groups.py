@@ -1,0 +1,66 @@
+"""Data-parallel x tensor-parallel process groups, and the `mpu` object DeepSpeed reads them from.
+
+Layout: `tp` consecutive ranks form a tensor-parallel group (they share a node when tp <= GPUs per node);
+ranks with the same position inside their tensor group form a data-parallel group. ZeRO shards and reduces over
+the data-parallel group only, which DeepSpeed learns from the mpu passed to `deepspeed.initialize`.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from megaslm.errors import UserError
+
+
+class ParallelGroups:
+    def __init__(self, tensor: int = 1):
+        world = dist.get_world_size()
+        rank = dist.get_rank()
+        if world % tensor:
+            raise UserError(f"parallel.tensor={tensor} does not divide the world size {world}")
+        self.tp_size = tensor
+        self.dp_size = world // tensor
+        self.tp_rank = rank % tensor
+        self.dp_rank = rank // tensor
+        self.tp_group = None
+        self.dp_group = None
+        # Every rank must create every group, in the same order.
+        for d in range(self.dp_size):
+            ranks = list(range(d * tensor, (d + 1) * tensor))
+            g = dist.new_group(ranks) if tensor > 1 else None
+            if rank in ranks:
+                self.tp_group = g
+        for t in range(tensor):
+            ranks = list(range(t, world, tensor))
+            g = dist.new_group(ranks) if tensor > 1 else dist.group.WORLD
+            if rank in ranks:
+                self.dp_group = g
+
+    # --- the mpu interface DeepSpeed calls (Megatron naming) ---
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp_size
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp_size
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1

@@ -1,0 +1,103 @@
+"""Reference-model token losses for Selective Language Modeling.
+
+The trainer only sees `ReferenceLosses.losses(input_ids, labels) -> float32 [B, T]`. `OnlineReference` runs a
+frozen Hugging Face model beside the trained one, in the same processes, as a DeepSpeed engine with no
+optimizer (ZeRO-inference). Placement:
+  replicated     every rank holds the whole model in the training precision (no all-gathers per forward)
+  zero3          parameters partitioned over the data-parallel ranks, gathered layer by layer
+  zero3_offload  as zero3, with the partitions kept in CPU memory
+  auto           replicated if the weights take at most 20% of one device's memory, else zero3
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from megaslm.config import REPO_ROOT
+from megaslm.errors import UserError
+from megaslm.model.build import TokenLossModel, count_params, load_hf_config
+
+AUTO_FRACTION = 0.2
+
+
+class ReferenceLosses(Protocol):
+    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_reference_tokenizer(path: str, vocab_size: int, fingerprint: str | None, shards_dir: str) -> None:
+    """The reference must score the same token ids: same vocabulary size and, when known, the same tokenizer."""
+    cfg = load_hf_config(path)
+    if cfg.vocab_size != vocab_size:
+        raise UserError(f"reference.path {path} has vocab_size {cfg.vocab_size} but the training shards "
+                        f"{shards_dir} have vocab_size {vocab_size}: the reference must share the tokenizer")
+    from megaslm.data.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if fingerprint and ((p / "tokenizer.model").exists() or (p / "tokenizer.json").exists()):
+        ref_fp = load_tokenizer(str(p)).fingerprint
+        if ref_fp != fingerprint:
+            raise UserError(f"reference.path {path} has tokenizer sha256 {ref_fp[:12]} but the training shards "
+                            f"{shards_dir} were tokenized with sha256 {fingerprint[:12]}: the reference must "
+                            "share the tokenizer")
+
+
+def reference_bytes(path: str, dtype: torch.dtype) -> int:
+    cfg = load_hf_config(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return count_params(model) * torch.tensor([], dtype=dtype).element_size()
+
+
+def choose_placement(placement: str, path: str, dtype: torch.dtype) -> str:
+    if placement != "auto":
+        return placement
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    return "replicated" if reference_bytes(path, dtype) <= AUTO_FRACTION * total else "zero3"
+
+
+class OnlineReference:
+    """A frozen reference model as a DeepSpeed inference engine; see the module docstring for placement."""
+
+    def __init__(self, path: str, placement: str, *, dtype: torch.dtype, micro_batch_size: int, dp_size: int,
+                 mpu=None, tp_group=None, chunk_size: int | None = None):
+        import deepspeed
+
+        self.placement = choose_placement(placement, path, dtype)
+        ds = json.loads((REPO_ROOT / "ds_configs" / f"reference_{self.placement}.json").read_text())
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = micro_batch_size * dp_size
+        ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+        keep = None
+        if self.placement.startswith("zero3"):
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep = HfDeepSpeedConfig(ds)  # from_pretrained loads each rank's partition only
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        except OSError as e:
+            raise UserError(f"reference.path {path}: cannot load the model: {e}") from None
+        finally:
+            del keep
+        lm.requires_grad_(False)
+        lm.eval()
+        model = TokenLossModel(lm, tp_group=tp_group, chunk_size=chunk_size,
+                               zero3=self.placement.startswith("zero3"))
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds, mpu=mpu)
+        self.engine.eval()
+        self.n_params = count_params(lm)
+        self.config = lm.config
+
+    @torch.no_grad()
+    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids, labels).float()

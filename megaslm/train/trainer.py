@@ -1,0 +1,313 @@
+"""`megaslm train`: the training loop on a DeepSpeed engine.
+
+One path for every objective: batch -> per-token losses of the trained model (chunked loss head) -> reference
+losses (SLM only) -> objective (mean CE over all tokens, or over the selected ones) -> engine.backward/step.
+Re-running the same command resumes from the latest complete checkpoint in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaslm.config import Config, dump_config, resolve_path
+from megaslm.data.loader import PackedLoader
+from megaslm.data.shards import ShardSet, check_compatible
+from megaslm.errors import UserError
+from megaslm.loss.objective import compute_objective
+from megaslm.model.build import TokenLossModel, create_model, model_summary, write_json, zero_stage
+from megaslm.monitor import Monitor, device_peak_tflops, flops_per_token
+from megaslm.parallel import dist as mdist
+from megaslm.parallel.groups import ParallelGroups
+from megaslm.train import checkpoint
+from megaslm.train.preempt import Preemption
+from megaslm.train.schedule import make_scheduler
+
+
+def training_dtype(cfg: Config) -> torch.dtype:
+    if cfg.model.dtype == "fp32":
+        return torch.float32
+    if cfg.model.dtype == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def build_ds_config(cfg: Config, dp_size: int, dtype: torch.dtype) -> dict:
+    """The JSON named by deepspeed.config, with batch sizes, precision, clipping and optimizer from the YAML."""
+    path = resolve_path(cfg.deepspeed.config)
+    if not path.is_file():
+        raise UserError(f"deepspeed.config: file not found: {cfg.deepspeed.config}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"deepspeed.config {path}: not valid JSON: {e}") from None
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * dp_size
+    ds["gradient_clipping"] = t.grad_clip
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds.pop("fp16", None)
+    zero = ds.setdefault("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    params.update(lr=t.lr, betas=[t.beta1, t.beta2], eps=1e-8, weight_decay=t.weight_decay)
+    if not torch.cuda.is_available() and not offload:
+        params["torch_adam"] = True  # DeepSpeed's fused Adam needs CUDA
+    if offload:
+        ds["zero_force_ds_cpu_optimizer"] = True
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms and biases are not decayed."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if getattr(p, "ds_shape", p.shape).__len__() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def slurm_info() -> dict:
+    keys = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION")
+    return {k.lower(): os.environ[k] for k in keys if k in os.environ}
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        import deepspeed
+
+        self.cfg = cfg
+        mdist.init_distributed()
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.groups = ParallelGroups(cfg.parallel.tensor)
+        self.is_main = self.rank == 0
+        self.run_dir = Path(cfg.run.dir).resolve()
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+
+        torch.manual_seed(cfg.train.seed)
+        self.dtype = training_dtype(cfg)
+        self.device = mdist.device()
+
+        # Data: the model's vocabulary follows the shards unless the config sets it.
+        self.train_shards = ShardSet(cfg.data.train)
+        vocab = cfg.model.vocab_size or self.train_shards.vocab_size
+        check_compatible(self.train_shards, vocab, None, f"model {cfg.model.init_from or cfg.model.preset}")
+        self.valid_shards = None
+        if cfg.data.valid:
+            self.valid_shards = ShardSet(cfg.data.valid)
+            check_compatible(self.valid_shards, vocab, self.train_shards.fingerprint,
+                             f"training shards {cfg.data.train}")
+        g = self.groups
+        self.loader = PackedLoader(self.train_shards, cfg.train.seq_len, cfg.train.micro_batch_size,
+                                   dp_rank=g.dp_rank, dp_size=g.dp_size, seed=cfg.train.seed,
+                                   with_source=cfg.data.track_sources)
+
+        # Model and engine.
+        mpu = g if g.tp_size > 1 else None
+        self.ds_config = build_ds_config(cfg, g.dp_size, self.dtype)
+        lm = create_model(preset=cfg.model.preset, init_from=cfg.model.init_from, vocab_size=vocab,
+                          ds_config=self.ds_config, dtype=self.dtype, eos_id=self.train_shards.eos_id, mpu=mpu)
+        if cfg.model.activation_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.summary = model_summary(lm)
+        self.lm_config = lm.config
+        model = TokenLossModel(lm, tp_group=g.tp_group, zero3=zero_stage(self.ds_config) == 3)
+        sched = make_scheduler(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=self.ds_config,
+            lr_scheduler=sched, mpu=mpu)
+
+        self.reference = None
+        if cfg.objective == "slm":
+            from megaslm.reference import OnlineReference, check_reference_tokenizer
+
+            check_reference_tokenizer(cfg.reference.path, vocab, self.train_shards.fingerprint, cfg.data.train)
+            self.reference = OnlineReference(cfg.reference.path, cfg.reference.placement, dtype=self.dtype,
+                                             micro_batch_size=cfg.train.micro_batch_size, dp_size=g.dp_size,
+                                             mpu=mpu, tp_group=g.tp_group)
+
+        # Resume.
+        self.step = 0
+        state = checkpoint.load(self.engine, self.ckpt_root)
+        if state is not None:
+            self.step = int(state["step"])
+            self.loader.load_state_dict(state["loader"])
+        self.resumed_from = state["tag"] if state else None
+
+        self.run_info = {"world_size": self.world, "dp_size": g.dp_size, "tp_size": g.tp_size,
+                         "dtype": str(self.dtype).replace("torch.", ""), "backend": mdist.backend(),
+                         "model": self.summary, "objective": cfg.objective, "zero_stage": zero_stage(self.ds_config),
+                         "slurm": slurm_info(), "tokenizer_fingerprint": self.train_shards.fingerprint,
+                         "reference_placement": self.reference.placement if self.reference else None}
+        if self.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+            write_json(self.run_dir / "run_info.json", self.run_info)
+            write_json(self.run_dir / "ds_config.json", self.ds_config)
+            self.lm_config.save_pretrained(self.run_dir / "hf_config")
+        self.monitor = Monitor(str(self.run_dir), cfg, self.is_main, self.step,
+                               {**cfg.to_dict(), "run_info": self.run_info})
+        self.preemption = Preemption()
+
+        self.tokens_per_step = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * g.dp_size
+        n_params = self.summary["params"]
+        self.flops_per_token = flops_per_token(n_params, self.summary["layers"], self.summary["hidden"],
+                                               cfg.train.seq_len)
+        if self.reference is not None:  # one extra forward of the reference: 2N per token
+            self.flops_per_token += 2.0 * self.reference.n_params
+        self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops()
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _micro_step(self, batch: dict) -> dict:
+        input_ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        token_loss = self.engine(input_ids, labels)
+        ref_loss = self.reference.losses(input_ids, labels) if self.reference is not None else None
+        source = batch.get("source")
+        loss, stats = compute_objective(
+            token_loss, ref_loss, labels != -100, objective=self.cfg.objective, ratio=self.cfg.slm.ratio,
+            scope=self.cfg.slm.scope, dp_group=self.groups.dp_group,
+            source=source.to(self.device) if source is not None else None,
+            num_sources=len(self.train_shards.sources) if source is not None else 0)
+        self.engine.backward(loss)
+        self.engine.step()
+        return stats
+
+    def train_step(self) -> dict:
+        self.engine.train()
+        t0 = time.time()
+        per_micro = [self._micro_step(self.loader.next_batch()) for _ in range(self.cfg.train.grad_accum)]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        self.step += 1
+        rec = _average_stats(per_micro)
+        rec["step"] = self.step
+        rec["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
+        gn = self.engine.get_global_grad_norm()
+        rec["grad_norm"] = float(gn) if gn is not None else None
+        rec["step_time"] = dt
+        rec["tokens_per_s"] = self.tokens_per_step / dt
+        rec["tflops_per_device"] = self.flops_per_token * rec["tokens_per_s"] / self.world / 1e12
+        if self.peak_tflops:
+            rec["mfu"] = rec["tflops_per_device"] / self.peak_tflops
+        if "n_selected" in rec:
+            rec["selected_tokens_per_s"] = rec["n_selected"] / dt
+        rec["tokens_seen"] = self.step * self.tokens_per_step
+        rec["epoch"] = self.loader.state_dict().get("epoch", 0)
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.valid_shards is None:
+            return None
+        self.engine.eval()
+        loader = PackedLoader(self.valid_shards, self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
+                              dp_rank=self.groups.dp_rank, dp_size=self.groups.dp_size, seed=0)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in loader.eval_batches(self.cfg.data.valid_sequences):
+            labels = batch["labels"].to(self.device)
+            token_loss = self.engine(batch["input_ids"].to(self.device), labels)
+            total[0] += token_loss.double().sum()
+            total[1] += (labels != -100).sum()
+        dist.all_reduce(total, group=self.groups.dp_group)
+        self.engine.train()
+        return (total[0] / total[1]).item() if total[1] > 0 else None
+
+    def save(self) -> None:
+        state = {"step": self.step, "loader": self.loader.state_dict(), "objective": self.cfg.objective}
+        checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        if self.is_main:
+            where = f"resumed from {self.resumed_from}" if self.resumed_from else "new run"
+            print(f"megaslm: {where}: step {self.step}/{t.steps}, world {self.world} (dp {self.groups.dp_size} x "
+                  f"tp {self.groups.tp_size}), {self.summary['arch']} {self.summary['params'] / 1e6:.2f}M params, "
+                  f"objective {cfg.objective}, ZeRO-{zero_stage(self.ds_config)}, {self.run_info['dtype']}, "
+                  f"run dir {self.run_dir}", flush=True)
+        saved_at = self.step
+        while self.step < t.steps:
+            rec = self.train_step()
+            last = self.step == t.steps
+            if self.valid_shards is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
+                rec["val_loss"] = self.evaluate()
+            if self.step % t.log_every == 0 or last or "val_loss" in rec:
+                self.monitor.log(rec, _console_line(rec, t.steps))
+            stop = torch.tensor([1.0 if self.preemption.requested() else 0.0], device=self.device)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if (t.save_every and self.step % t.save_every == 0) or last or stop.item() > 0:
+                self.save()
+                saved_at = self.step
+            if stop.item() > 0:
+                if self.is_main:
+                    print(f"megaslm: stop signal received: checkpoint saved at step {self.step}", flush=True)
+                self.monitor.close()
+                return self.preemption.after_checkpoint(self.is_main)
+        if saved_at != self.step:  # a resumed run that had already finished
+            self.save()
+        if self.is_main:
+            print(f"megaslm: done at step {self.step}; checkpoints in {self.ckpt_root}; metrics in "
+                  f"{self.run_dir / 'metrics.jsonl'}", flush=True)
+        self.monitor.close()
+        return 0
+
+
+def _average_stats(per_micro: list[dict]) -> dict:
+    """Mean of each figure over the micro-steps of one optimizer step; counts are summed."""
+    out: dict = {}
+    keys = {k for s in per_micro for k in s}
+    for k in sorted(keys):
+        vals = [s[k] for s in per_micro if s.get(k) is not None]
+        if not vals:
+            continue
+        if k.startswith("n_") or k.startswith("tokens/"):
+            out[k] = float(sum(vals))
+        else:
+            out[k] = float(sum(vals) / len(vals))
+    return out
+
+
+def _console_line(rec: dict, total: int) -> str:
+    parts = [f"step {rec['step']}/{total}", f"loss {rec['loss']:.4f}"]
+    if "loss_all" in rec and "selected_frac" in rec:
+        parts.append(f"loss_all {rec['loss_all']:.4f} ref {rec.get('ref_loss', float('nan')):.4f} "
+                     f"sel {rec['selected_frac']:.2f}")
+    if rec.get("val_loss") is not None:
+        parts.append(f"val_loss {rec['val_loss']:.4f}")
+    parts.append(f"lr {rec['lr']:.2e}")
+    if rec.get("grad_norm") is not None:
+        parts.append(f"gnorm {rec['grad_norm']:.3f}")
+    parts.append(f"{rec['tokens_per_s']:.0f} tok/s")
+    if "mfu" in rec:
+        parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+def train(cfg: Config) -> int:
+    trainer = Trainer(cfg)
+    code = trainer.run()
+    dist.barrier()
+    return code
+
+
+def main_entry(cfg: Config) -> int:
+    try:
+        return train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
