@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaslm.train.faults import maybe_fail
+
 POINTER = "latest_complete"
 
 
@@ -50,6 +52,7 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int) -> s
     rank = dist.get_rank()
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_root / tag / f"rng_rank{rank:05d}.pt")
+    maybe_fail("crash_in_save", step)
     dist.barrier()
     if rank == 0:
         tmp = ckpt_root / f".{POINTER}.tmp"

@@ -26,6 +26,7 @@ from megaslm.monitor import Monitor, device_peak_tflops, flops_per_token
 from megaslm.parallel import dist as mdist
 from megaslm.parallel.groups import ParallelGroups
 from megaslm.train import checkpoint
+from megaslm.train.faults import maybe_fail
 from megaslm.train.preempt import Preemption
 from megaslm.train.schedule import make_scheduler
 
@@ -242,6 +243,7 @@ class Trainer:
         saved_at = self.step
         while self.step < t.steps:
             rec = self.train_step()
+            maybe_fail("crash_after_step", self.step)
             last = self.step == t.steps
             if self.valid_shards is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 rec["val_loss"] = self.evaluate()

@@ -1,0 +1,21 @@
+"""Loss head and Rho-1 objective: chunked / vocab-parallel per-token CE, token selection, the training loss."""
+
+from .objective import compute_objective
+from .per_token_ce import per_token_ce
+from .selection import (
+    global_kth_largest,
+    global_quantiles,
+    num_to_keep,
+    select_tokens,
+    select_tokens_with_threshold,
+)
+
+__all__ = [
+    "compute_objective",
+    "global_kth_largest",
+    "global_quantiles",
+    "num_to_keep",
+    "per_token_ce",
+    "select_tokens",
+    "select_tokens_with_threshold",
+]

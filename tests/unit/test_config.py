@@ -1,0 +1,88 @@
+"""Config loading: defaults, overrides, and errors that name the key and the file."""
+
+import pytest
+import yaml
+
+from megaslm.config import dump_config, load_config, resolve_path
+from megaslm.errors import UserError
+
+
+def write(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+MIN = {"run": {"dir": "/tmp/r"}, "model": {"preset": "tiny"}, "data": {"train": "/tmp/shards"}}
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MIN))
+    assert cfg.run.dir == "/tmp/r"
+    assert cfg.objective == "clm"
+    assert cfg.slm.ratio == 0.6 and cfg.slm.scope == "global"
+    assert cfg.train.grad_accum == 1 and cfg.parallel.tensor == 1
+    assert cfg.deepspeed.config == "ds_configs/zero2.json"
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, MIN), ["train.steps=7", "train.lr=1e-3", "wandb.tags=[a, b]",
+                                             "model.activation_checkpointing=true", "objective=slm",
+                                             "reference.path=/x", "data.valid=/v"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.wandb.tags == ["a", "b"]
+    assert cfg.model.activation_checkpointing is True
+    assert cfg.objective == "slm" and cfg.reference.path == "/x" and cfg.data.valid == "/v"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("bogus.key=1", "unknown config key 'bogus'"),
+    ("train.steps=abc", "train.steps must be an integer"),
+    ("train.steps=0", "train.steps must be >= 1"),
+    ("slm.ratio=0", "slm.ratio must be in (0, 1]"),
+    ("slm.ratio=1.5", "slm.ratio must be in (0, 1]"),
+    ("slm.scope=batch", "slm.scope must be sequence, rank or global"),
+    ("model.preset=gpt5", "model.preset must be one of"),
+    ("reference.placement=gpu", "reference.placement must be"),
+    ("objective=slm", "reference.path is required"),
+    ("wandb.mode=loud", "wandb.mode must be"),
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("model.activation_checkpointing=maybe", "model.activation_checkpointing must be true or false"),
+    ("parallel.tensor=0", "parallel.tensor must be >= 1"),
+])
+def test_bad_values_name_the_key_and_file(tmp_path, override, needle):
+    path = write(tmp_path, MIN)
+    with pytest.raises(UserError) as e:
+        load_config(path, [override])
+    assert needle in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_required_keys(tmp_path):
+    with pytest.raises(UserError, match="run.dir is required"):
+        load_config(write(tmp_path, {"data": {"train": "x"}}))
+    with pytest.raises(UserError, match="data.train is required"):
+        load_config(write(tmp_path, {"run": {"dir": "x"}}))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MIN), ["train.steps=9", "slm.ratio=0.7"])
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_ds_config_names_resolve_inside_the_checkout():
+    assert resolve_path("ds_configs/zero3.json").is_file()
+    assert resolve_path("zero3_offload").is_file()
