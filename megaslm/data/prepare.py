@@ -80,7 +80,7 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out_dir: str, text_fi
                         write(pending.popleft().get())
                 while pending:
                     write(pending.popleft().get())
-        if sum(writer._source_docs) == 0:
+        if writer.num_documents == 0:
             raise UserError(f"no documents found in {', '.join(files)} (all empty?)")
         meta = writer.close()
     if log is not None:

@@ -122,6 +122,16 @@ class ShardWriter:
         self._shards.append(self._cur)
 
     # -- public -------------------------------------------------------------------------------------------
+    @property
+    def num_documents(self) -> int:
+        """Documents added so far."""
+        return sum(self._source_docs)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens (EOS included) added so far."""
+        return sum(self._source_tokens)
+
     def add_document(self, ids, source_index: int) -> None:
         """Append one document (its ids, then EOS) from input `source_index`."""
         ids = np.asarray(ids)

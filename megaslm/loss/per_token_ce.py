@@ -103,10 +103,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
             e = min(n, s + chunk_size)
             logits = _chunk_logits(hidden[s:e], weight)
             col, here = _local_targets(labels[s:e], valid[s:e], vocab_start, rows)
-            tgt = torch.where(here, logits.gather(1, col[:, None]).squeeze(1), 0.0)
             if rows > 0:
+                tgt = torch.where(here, logits.gather(1, col[:, None]).squeeze(1), 0.0)
                 row_max = logits.amax(dim=1)
-            else:  # an empty shard (vocab smaller than the group) contributes nothing
+            else:  # an empty shard (vocabulary smaller than the group) contributes nothing
+                tgt = torch.zeros(e - s, device=hidden.device)
                 row_max = torch.full((e - s,), float("-inf"), device=hidden.device)
             if tp_group is not None:
                 dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)

@@ -1,0 +1,25 @@
+"""Data pipeline: raw text -> tokenizer -> token shards -> packed, sharded, resumable batches.
+
+Modules: `readers` (streaming txt/jsonl/json/parquet/.gz readers), `tokenizer` (train/load SentencePiece
+or Hugging Face tokenizers), `shards` (on-disk format, writer, reader), `prepare` (text -> shards),
+`loader` (PackedLoader), `corpus` (demo corpora from text installed on this machine).
+Heavy imports (torch, transformers, datasets) happen inside the modules that need them, so importing
+this package is cheap.
+"""
+
+from megaslm.data.shards import ShardSet, ShardWriter, check_compatible
+from megaslm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+
+def __getattr__(name: str):  # lazy: these pull in torch / datasets
+    if name == "PackedLoader":
+        from megaslm.data.loader import PackedLoader
+        return PackedLoader
+    if name == "prepare":
+        from megaslm.data.prepare import prepare
+        return prepare
+    raise AttributeError(name)
+
+
+__all__ = ["ShardSet", "ShardWriter", "check_compatible", "Tokenizer", "load_tokenizer", "train_tokenizer",
+           "PackedLoader", "prepare"]

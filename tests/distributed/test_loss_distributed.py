@@ -1,0 +1,165 @@
+"""Loss package over real gloo process groups, against one-process references computed in the same worker.
+
+- vocab-parallel per_token_ce (T=2, 3; V=101 does not divide) vs full-logits autograd;
+- exact global selection (2 and 4 ranks, unequal sizes, heavy ties) vs a brute-force sort of the concatenation;
+- the objective at DP=2 with DeepSpeed-style gradient averaging vs one process on the whole batch.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _spawn import run_gloo
+
+from megaslm.loss import compute_objective, per_token_ce, select_tokens_with_threshold
+from megaslm.loss.selection import global_quantiles
+
+pytestmark = pytest.mark.slow
+
+
+# ---- vocab-parallel cross-entropy ------------------------------------------------------------------------------
+
+
+def _vocab_parallel_worker(rank, world, vocab, chunk_size):
+    g = torch.Generator().manual_seed(11)  # same inputs on every rank
+    hidden_size = 12
+    full_w = torch.randn(vocab, hidden_size, generator=g) / 3
+    hidden0 = torch.randn(2, 7, hidden_size, generator=g) * 2
+    labels = torch.randint(0, vocab, (2, 7), generator=g)
+    labels[0, :3] = -100
+    labels[1, -1] = vocab - 1  # the last shard's last row
+    grad_out = torch.rand(2, 7, generator=g) + 0.5
+
+    # Reference: one process, full weight, full logits, autograd.
+    h_ref, w_ref = hidden0.clone().requires_grad_(), full_w.clone().requires_grad_()
+    ref = F.cross_entropy((h_ref @ w_ref.t()).view(-1, vocab), labels.view(-1), reduction="none").view(2, 7)
+    (ref * grad_out).sum().backward()
+
+    shard = torch.tensor_split(full_w, world, dim=0)[rank].clone().requires_grad_()
+    hidden = hidden0.clone().requires_grad_()
+    loss = per_token_ce(hidden, shard, labels, chunk_size=chunk_size, tp_group=dist.group.WORLD)
+    (loss * grad_out).sum().backward()
+
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
+    assert (loss[labels == -100] == 0).all()
+    torch.testing.assert_close(hidden.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shard.grad, torch.tensor_split(w_ref.grad, world, dim=0)[rank], rtol=1e-5, atol=1e-6)
+    # Bit-identical losses on every rank: all of them feed the same selection.
+    gathered = [torch.empty_like(loss) for _ in range(world)]
+    dist.all_gather(gathered, loss.detach())
+    assert all(torch.equal(t, gathered[0]) for t in gathered)
+
+
+@pytest.mark.parametrize("world,vocab,chunk_size", [(2, 101, 5), (3, 101, None), (3, 2, 4)])
+def test_vocab_parallel_matches_full_weight(world, vocab, chunk_size):
+    # (3, 2): a vocabulary smaller than the group leaves the last rank an empty shard.
+    run_gloo(_vocab_parallel_worker, world, vocab, chunk_size)
+
+
+# ---- exact global selection -------------------------------------------------------------------------------------
+
+
+def _local_batch(rank, cols=6):
+    g = torch.Generator().manual_seed(100 + rank)
+    rows = [3, 1, 4, 2][rank]  # unequal micro-batches
+    excess = torch.randint(0, 4, (rows, cols), generator=g).float() / 2  # heavy ties
+    valid = torch.rand(rows, cols, generator=g) < 0.7
+    if rank == 1:
+        valid[:] = False  # a rank with nothing to select
+    return excess, valid
+
+
+def _selection_worker(rank, world, ratio):
+    batches = [_local_batch(r) for r in range(world)]
+    excess, valid = batches[rank]
+
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        mask, threshold = select_tokens_with_threshold(excess, valid, ratio, "global")
+    finally:
+        dist.all_reduce = real_all_reduce
+
+    # Brute force on the concatenation: sort by (excess desc, flat index asc), keep ceil(ratio * n).
+    all_ex = torch.cat([b[0].flatten() for b in batches]).tolist()
+    all_ok = torch.cat([b[1].flatten() for b in batches]).tolist()
+    ids = sorted((i for i in range(len(all_ex)) if all_ok[i]), key=lambda i: (-all_ex[i], i))
+    k = math.ceil(ratio * len(ids) - 1e-9)
+    keep = set(ids[:k])
+    offset = sum(b[0].numel() for b in batches[:rank])
+    expected = torch.tensor([offset + i in keep for i in range(excess.numel())]).view_as(valid)
+    assert torch.equal(mask, expected)
+    assert threshold == all_ex[ids[k - 1]]
+
+    count = torch.tensor([mask.sum().item()])
+    dist.all_reduce(count)
+    assert count.item() == k
+    thresholds = [None] * world
+    dist.all_gather_object(thresholds, threshold)
+    assert len(set(thresholds)) == 1
+    # Collectives: one count vector, histogram rounds of 256 bins whatever the world size, one MIN.
+    assert calls[0] == 2 + world and calls[-1] == 1
+    assert set(calls[1:-1]) == {256} and len(calls) - 2 <= 4 + 1  # 4 value bytes + 1 index byte here
+
+    qs = [0.1, 0.5, 0.9]
+    ordered = sorted(all_ex[i] for i in ids)
+    assert global_quantiles(excess, valid, qs) == [ordered[math.floor(q * (len(ordered) - 1))] for q in qs]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_selection_is_exact(world):
+    run_gloo(_selection_worker, world, 0.55)
+
+
+# ---- DP=2 objective vs one process ------------------------------------------------------------------------------
+
+
+def _model_and_batch():
+    g = torch.Generator().manual_seed(5)
+    inputs = torch.randn(4, 6, 5, generator=g)
+    labels = torch.randint(0, 13, (4, 6), generator=g)
+    labels[torch.rand(4, 6, generator=g) < 0.2] = -100
+    ref_loss = torch.rand(4, 6, generator=g) * 3
+    source = torch.randint(0, 2, (4, 6), generator=g)
+    proj = torch.randn(5, 8, generator=g)
+    head = torch.randn(13, 8, generator=g) / 2
+    return inputs, labels, ref_loss, source, proj, head
+
+
+def _step(rows, objective, scope, group):
+    """Loss and parameter gradients of a tiny linear model on `rows` of the batch."""
+    inputs, labels, ref_loss, source, proj, head = _model_and_batch()
+    proj, head = proj.requires_grad_(), head.requires_grad_()
+    token_loss = per_token_ce(inputs[rows] @ proj, head, labels[rows], chunk_size=4)
+    loss, stats = compute_objective(token_loss, ref_loss[rows], labels[rows] != -100, objective=objective,
+                                    ratio=0.6, scope=scope, dp_group=group, source=source[rows], num_sources=2)
+    loss.backward()
+    return proj.grad, head.grad, stats
+
+
+def _dp_worker(rank, world):
+    solo = [dist.new_group([r]) for r in range(world)][rank]  # a one-rank group: the DP=1 run
+    for objective, scope in [("slm", "global"), ("slm", "sequence"), ("clm", "global")]:
+        rows = slice(2 * rank, 2 * rank + 2)
+        g_proj, g_head, stats = _step(rows, objective, scope, dist.group.WORLD)
+        for grad in (g_proj, g_head):  # what DeepSpeed does: average over the data-parallel group
+            dist.all_reduce(grad)
+            grad /= world
+        ref_proj, ref_head, ref_stats = _step(slice(0, 4), objective, scope, solo)
+        torch.testing.assert_close(g_proj, ref_proj, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_head, ref_head, rtol=1e-5, atol=1e-6)
+        assert stats.keys() == ref_stats.keys()
+        for key, value in ref_stats.items():
+            assert stats[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_dp2_gradient_equals_dp1_on_concatenated_batch():
+    run_gloo(_dp_worker, 2)

@@ -1,0 +1,208 @@
+"""per_token_ce against F.cross_entropy on the full logits, with autograd for the gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megaslm.loss import per_token_ce
+
+
+def _inputs(shape, hidden_size, vocab, dtype, seed=0, scale=1.0, ignore_frac=0.25, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(*shape, hidden_size, generator=g) * scale).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
+    grad_out = torch.rand(shape, generator=g) + 0.5  # non-uniform upstream gradient
+    return hidden, weight, labels, grad_out
+
+
+def _reference(hidden, weight, labels, grad_out, ignore_index=-100, upcast=True):
+    """Full-logits CE and its autograd gradients (logits upcast to fp32 like the head does, or not)."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logits = h @ w.t()
+    if upcast:
+        logits = logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, w.shape[0]), labels.reshape(-1), reduction="none",
+                           ignore_index=ignore_index).view(labels.shape)
+    (loss.float() * grad_out).sum().backward()
+    return loss.detach().float(), h.grad, w.grad
+
+
+def _ours(hidden, weight, labels, grad_out, **kw):
+    loss = per_token_ce(hidden, weight, labels, **kw)
+    (loss * grad_out).sum().backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 16, 1000])
+@pytest.mark.parametrize("shape", [(37,), (3, 11), (2, 3, 5)])
+def test_fp32_matches_full_logits(shape, chunk_size):
+    hidden, weight, labels, grad_out = _inputs(shape, 24, 53, torch.float32)
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, grad_out)
+    loss, gh, gw = _ours(hidden, weight, labels, grad_out, chunk_size=chunk_size)
+    assert loss.dtype == torch.float32 and loss.shape == labels.shape
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+
+
+def test_large_logits_stay_finite_and_exact():
+    # Logits in the hundreds: a naive exp would overflow; the max-shifted one must match.
+    hidden, weight, labels, grad_out = _inputs((4, 9), 16, 31, torch.float32, scale=300.0)
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, grad_out)
+    loss, gh, gw = _ours(hidden, weight, labels, grad_out, chunk_size=7)
+    assert torch.isfinite(loss).all() and loss.max() > 50
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    # exp(logit - lse) at |logit| ~ 300 carries fp32 rounding of ~3e-5 relative, in both computations.
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_bf16_within_bf16_tolerance(chunk_size):
+    hidden, weight, labels, grad_out = _inputs((3, 13), 32, 61, torch.bfloat16)
+    loss, gh, gw = _ours(hidden, weight, labels, grad_out, chunk_size=chunk_size)
+    assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    # Against the exact fp32 computation on the same (bf16-representable) inputs ...
+    ref_loss, ref_gh, ref_gw = _reference(hidden.float(), weight.float(), labels, grad_out)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gh.float(), ref_gh, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw.float(), ref_gw, rtol=2e-2, atol=2e-2)
+    # ... and against F.cross_entropy run on bf16 logits.
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, grad_out, upcast=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gh.float(), ref_gh.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw.float(), ref_gw.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_ignored_positions_give_exact_zeros_and_custom_ignore_index():
+    hidden, weight, labels, grad_out = _inputs((5, 8), 12, 29, torch.float32, ignore_frac=0.4, ignore_index=-1)
+    ignored = labels == -1
+    assert ignored.any() and (~ignored).any()
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, grad_out, ignore_index=-1)
+    loss, gh, gw = _ours(hidden, weight, labels, grad_out, ignore_index=-1, chunk_size=3)
+    assert (loss[ignored] == 0).all() and (gh[ignored] == 0).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+
+
+def test_all_ignored_input():
+    hidden, weight, labels, grad_out = _inputs((2, 6), 8, 17, torch.float32)
+    labels.fill_(-100)
+    loss, gh, gw = _ours(hidden, weight, labels, grad_out, chunk_size=4)
+    assert (loss == 0).all() and (gh == 0).all() and (gw == 0).all()
+
+
+def test_masked_mean_upstream_gradient():
+    # The trainer backpropagates a mean over selected tokens: a 0/1 mask divided by a count.
+    hidden, weight, labels, _ = _inputs((4, 10), 16, 41, torch.float32)
+    mask = torch.rand(4, 10, generator=torch.Generator().manual_seed(3)) < 0.5
+    grad_out = mask.float() / mask.sum()
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, grad_out)
+    loss = per_token_ce(hidden, weight, labels, chunk_size=6)
+    (torch.where(mask, loss, 0.0).sum() / mask.sum()).backward()
+    torch.testing.assert_close(hidden.grad, ref_gh, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight.grad, ref_gw, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_inputs_and_no_grad():
+    hidden, weight, labels, grad_out = _inputs((3, 7), 8, 19, torch.float32)
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, grad_out)
+    # Frozen weight (e.g. tied embeddings kept fixed): only hidden gets a gradient.
+    w = weight.detach()
+    loss = per_token_ce(hidden, w, labels, chunk_size=5)
+    (loss * grad_out).sum().backward()
+    torch.testing.assert_close(hidden.grad, ref_gh, rtol=1e-5, atol=1e-6)
+    assert w.grad is None
+    # Frozen hidden: only the weight gets one.
+    h = hidden.detach()
+    (per_token_ce(h, weight, labels, chunk_size=5) * grad_out).sum().backward()
+    torch.testing.assert_close(weight.grad, ref_gw, rtol=1e-5, atol=1e-6)
+    # The reference model's call: no graph at all.
+    with torch.no_grad():
+        out = per_token_ce(hidden, weight, labels)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_hidden():
+    hidden, weight, labels, grad_out = _inputs((6, 4), 8, 23, torch.float32)
+    hidden_t = hidden.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    assert not hidden_t.is_contiguous()
+    ref_loss, ref_gh, _ = _reference(hidden, weight, labels, grad_out)
+    loss, gh, _ = _ours(hidden_t, weight, labels, grad_out, chunk_size=5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_raise():
+    hidden, weight, labels, _ = _inputs((2, 5), 8, 11, torch.float32, ignore_frac=0.0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        per_token_ce(hidden, weight, torch.full_like(labels, 11))
+    with pytest.raises(ValueError, match="does not match labels"):
+        per_token_ce(hidden, weight, labels[:, :4])
+    with pytest.raises(ValueError, match="hidden size"):
+        per_token_ce(hidden, weight[:, :7], labels)
+    with pytest.raises(ValueError, match="chunk_size"):
+        per_token_ce(hidden, weight, labels, chunk_size=0)
+
+
+# ---- memory: the full [tokens, vocab] logits must never exist --------------------------------------------------
+
+N_TOKENS, VOCAB, HIDDEN, CHUNK = 96, 80, 8, 8  # N*V = 7680 is far above every other tensor in play
+
+
+def _saved_numels(fn):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sizes, out
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor produced by any operator."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_full_logits_saved_for_backward():
+    hidden, weight, labels, grad_out = _inputs((N_TOKENS,), HIDDEN, VOCAB, torch.float32)
+    naive_sizes, _ = _saved_numels(
+        lambda: F.cross_entropy(hidden @ weight.t(), labels, reduction="none"))
+    assert max(naive_sizes) >= N_TOKENS * VOCAB  # the probe does see the naive path's logits
+    sizes, loss = _saved_numels(lambda: per_token_ce(hidden, weight, labels, chunk_size=CHUNK))
+    assert max(sizes) <= max(VOCAB * HIDDEN, N_TOKENS * HIDDEN)  # inputs and per-token vectors only
+    (loss * grad_out).sum().backward()
+
+
+def test_no_full_logits_in_forward_or_backward():
+    hidden, weight, labels, grad_out = _inputs((N_TOKENS,), HIDDEN, VOCAB, torch.float32)
+    bound = max(CHUNK * VOCAB, VOCAB * HIDDEN, N_TOKENS * HIDDEN)
+    naive = _LargestOutput()
+    with naive:
+        (F.cross_entropy(hidden @ weight.t(), labels, reduction="none") * grad_out).sum().backward()
+    assert naive.largest >= N_TOKENS * VOCAB > bound
+    hidden.grad = weight.grad = None
+    mode = _LargestOutput()
+    with mode:
+        (per_token_ce(hidden, weight, labels, chunk_size=CHUNK) * grad_out).sum().backward()
+    assert mode.largest <= bound
+    assert hidden.grad is not None and weight.grad is not None
