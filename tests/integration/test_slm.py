@@ -1,0 +1,87 @@
+"""SLM runs with a co-located reference model (a second DeepSpeed engine in the same processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import read_metrics, run_cli, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory, tiny_data):
+    """A reference model directory as `megaslm export` writes it: HF weights + config + tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megaslm.data.tokenizer import load_tokenizer
+    from megaslm.model.presets import preset_config
+
+    out = tmp_path_factory.mktemp("ref")
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_config(preset_config("tiny", 512))
+    model.save_pretrained(out / "good")
+    load_tokenizer(tiny_data["tok"]).save_pretrained(str(out / "good"))
+    AutoModelForCausalLM.from_config(preset_config("tiny", 600)).save_pretrained(out / "bad_vocab")
+    other = AutoModelForCausalLM.from_config(preset_config("tiny", 512))
+    other.save_pretrained(out / "bad_tok")
+    load_tokenizer(str(tiny_data["root"] / "tok_other")).save_pretrained(str(out / "bad_tok"))
+    return out
+
+
+def slm_config(run_dir, data, ref, zero="zero2", placement="replicated", mb=2, **train):
+    t = {"steps": 3, "seq_len": 32, "micro_batch_size": mb, "lr": 2e-3, "warmup_steps": 1, "seed": 5}
+    t.update(train)
+    return {"run": {"dir": str(run_dir)}, "model": {"preset": "tiny"}, "data": {"train": data["train"]},
+            "train": t, "deepspeed": {"config": f"ds_configs/{zero}.json"}, "wandb": {"mode": "disabled"},
+            "objective": "slm", "slm": {"ratio": 0.6, "scope": "global"},
+            "reference": {"path": str(ref), "placement": placement}}
+
+
+def test_slm_global_selection_is_exact_across_data_parallel_ranks(tmp_path, tiny_data, reference_dir):
+    """DP=2 x micro-batch 2 and DP=1 x micro-batch 4 see the same global batches: same selection, same losses."""
+    ref = reference_dir / "good"
+    two = tmp_path / "dp2"
+    run_cli("train", str(write_config(tmp_path / "a.yaml", slm_config(two, tiny_data, ref, mb=2))), nproc=2,
+            check=True)
+    one = tmp_path / "dp1"
+    run_cli("train", str(write_config(tmp_path / "b.yaml", slm_config(one, tiny_data, ref, mb=4))), check=True)
+    a, b = read_metrics(two), read_metrics(one)
+    assert [r["step"] for r in a] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_selected", "loss_all", "loss_unselected", "ref_loss", "selected_frac",
+                    "threshold", "n_selected"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+    n_valid = 2 * 2 * 32
+    for r in a:
+        assert r["n_selected"] == 77  # ceil(0.6 * 128)
+        assert r["selected_frac"] == pytest.approx(77 / n_valid)
+        assert r["loss_selected"] > r["loss_all"] > r["loss_unselected"]
+        assert r["loss"] == pytest.approx(r["loss_selected"])
+        assert r["selected_tokens_per_s"] > 0
+    assert json.loads((two / "run_info.json").read_text())["reference_placement"] == "replicated"
+
+
+def test_slm_zero3_with_partitioned_reference(tmp_path, tiny_data, reference_dir):
+    run = tmp_path / "z3"
+    cfg = slm_config(run, tiny_data, reference_dir / "good", zero="zero3", placement="zero3", steps=2)
+    res = run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)), nproc=2, check=True)
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(0 < r["selected_frac"] <= 0.61 for r in recs)
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["zero_stage"] == 3 and info["reference_placement"] == "zero3"
+    assert "sel 0.60" in res.stdout
+
+
+@pytest.mark.parametrize("which, needles", [("bad_vocab", ["vocab_size 600", "512"]),
+                                            ("bad_tok", ["tokenizer sha256"])])
+def test_reference_with_another_tokenizer_is_refused(tmp_path, tiny_data, reference_dir, which, needles):
+    cfg = slm_config(tmp_path / "r", tiny_data, reference_dir / which)
+    res = run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert res.returncode == 2, res.stderr[-3000:]
+    err = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and all(n in err[0] for n in needles), res.stderr[-3000:]
