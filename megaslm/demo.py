@@ -23,7 +23,7 @@ import yaml
 from megaslm.parallel.dist import free_port
 
 FULL = dict(clean_bytes=2_000_000, noisy_bytes=3_000_000, valid_bytes=200_000, vocab=2000, seq_len=128,
-            micro_batch=8, ref_steps=300, steps=300, eval_every=25, valid_sequences=96)
+            micro_batch=8, ref_steps=200, steps=200, eval_every=20, valid_sequences=64)
 QUICK = dict(clean_bytes=300_000, noisy_bytes=400_000, valid_bytes=60_000, vocab=1000, seq_len=64,
              micro_batch=4, ref_steps=20, steps=20, eval_every=10, valid_sequences=16)
 

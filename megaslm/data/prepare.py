@@ -70,8 +70,9 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out_dir: str, text_fi
             for task in tasks:
                 write(_encode(task, tok))
         else:
-            # spawn, not fork: the parent holds pyarrow/tokenizers thread pools that fork can deadlock on.
-            ctx = mp.get_context("spawn")
+            # fork, so scripts without a __main__ guard work; the pool starts before this process reads any
+            # input (the task generator is lazy), i.e. before pyarrow/datasets start their threads.
+            ctx = mp.get_context("fork")
             with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tok,)) as pool:
                 pending: deque = deque()
                 for task in tasks:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -264,7 +265,8 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out_dir: str, text_field
     except UserError:
         raise
     except RuntimeError as e:
-        msg = " ".join(str(e).split())
+        # Drop the C++ location prefix ("INTERNAL: src/trainer_interface.cc(744) [check] ") of the message.
+        msg = re.sub(r"^[A-Z_]+: \S+\(\d+\) \[.*?\] ", "", " ".join(str(e).split()))
         if "ocabulary size" in msg or "vocab" in msg.lower():
             raise UserError(f"cannot train a tokenizer with vocab_size {vocab_size} on {', '.join(inputs)}: "
                             f"{msg}") from e

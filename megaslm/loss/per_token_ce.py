@@ -120,6 +120,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 sum_exp, tgt = both[0], both[1]
             lse[s:e] = sum_exp.log() + row_max
             target[s:e] = tgt
+            del logits  # before the next chunk's logits exist, not after
         loss = torch.where(valid, lse - target, 0.0)
         ctx.save_for_backward(hidden, weight, labels, valid, lse)
         ctx.chunk_size, ctx.tp_group, ctx.vocab_start = chunk_size, tp_group, vocab_start
@@ -132,7 +133,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, rows, chunk = hidden.shape[0], weight.shape[0], ctx.chunk_size
         low_precision, single = weight.dtype != torch.float32, n <= chunk
-        grad_h = torch.zeros_like(hidden) if need_h else None
+        # Every row of grad_h is written below, unless this rank holds no vocabulary rows at all.
+        grad_h = (torch.zeros_like(hidden) if rows == 0 else torch.empty_like(hidden)) if need_h else None
         grad_w = None
         # grad_w accumulates in fp32 over chunks; a low-precision weight's chunk products go through one reused
         # buffer (with a single chunk the product already is the gradient).
@@ -150,16 +152,19 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 col, here = _local_targets(labels[s:e], valid[s:e], ctx.vocab_start, rows)
                 d.scatter_add_(1, col[:, None], -here[:, None].float())
                 d.mul_(scale[s:e, None])
+                if low_precision:
+                    d = d.to(weight.dtype)  # the fp32 buffer goes; matmuls run in the weight's dtype
                 if need_h:
-                    grad_h[s:e] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
+                    grad_h[s:e] = (d @ weight).to(hidden.dtype)
                 if need_w:
                     if not low_precision:
                         acc_w.addmm_(d.t(), h.float())
                     elif single:
-                        grad_w = d.to(weight.dtype).t() @ h.to(weight.dtype)
+                        grad_w = d.t() @ h.to(weight.dtype)
                     else:
-                        torch.matmul(d.to(weight.dtype).t(), h.to(weight.dtype), out=chunk_gw)
+                        torch.matmul(d.t(), h.to(weight.dtype), out=chunk_gw)
                         acc_w += chunk_gw
+                del d  # before the next chunk's logits exist, not after
         if need_h and ctx.tp_group is not None:
             # Each rank holds the contribution of its own vocab rows; the head's input is replicated.
             dist.all_reduce(grad_h, group=ctx.tp_group)

@@ -55,6 +55,23 @@ def map_launcher_env() -> None:
         env["MASTER_PORT"] = str(free_port())
 
 
+def quiet_libraries() -> None:
+    """Keep the console for our progress lines: library banners and per-call warnings go below WARNING."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's "no GPU found" warning
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*torch.distributed.all_gather_into_tensor.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -64,10 +81,13 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
     map_launcher_env()
+    quiet_libraries()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
 
+    ds_logger.setLevel("WARNING")
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False,
                                timeout=timedelta(minutes=int(os.environ.get("MEGASLM_DIST_TIMEOUT_MIN", "30"))))
 

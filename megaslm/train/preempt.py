@@ -46,21 +46,22 @@ class Preemption:
         self._previous = {}
 
     def after_checkpoint(self, is_rank0: bool) -> int:
-        """Call on every rank once the stop checkpoint is saved. Requeues the Slurm job (rank 0) when allowed.
+        """Call on every rank once the stop checkpoint is saved. Rank 0 requeues the Slurm job when allowed.
 
-        Returns the exit code: 0 when the job was requeued (its next instance resumes), otherwise 128 + the
-        signal number (the conventional "stopped by signal" status: not under Slurm, requeue limit reached,
-        or the requeue failed) so that a wrapper can tell a clean stop from a finished run.
+        Returns the exit code. Rank 0: 0 when the job was requeued (its next instance resumes), otherwise
+        128 + the signal number, the conventional "stopped by signal" status (not under Slurm, requeue limit
+        reached, or the requeue failed), so that a wrapper can tell a clean stop from a finished run. Other
+        ranks: 0 always; rank 0 reports the outcome. (A non-zero exit of another rank would make
+        `srun --kill-on-bad-exit` kill rank 0 while it is still closing its logs.)
         """
         _barrier()  # every rank's shard is on disk before rank 0 has Slurm kill the job
-        stopped = 128 + (self.signum or signal.SIGTERM)
-        decision, why = requeue_decision(os.environ)
-        if not decision:
-            if is_rank0:
-                print(f"megaslm: checkpoint saved; not requeueing: {why}", flush=True)
-            return stopped
         if not is_rank0:
             return 0
+        stopped = 128 + (self.signum or signal.SIGTERM)
+        requeue, why = requeue_decision(os.environ)
+        if not requeue:
+            print(f"megaslm: checkpoint saved; not requeueing: {why}", flush=True)
+            return stopped
         job = os.environ["SLURM_JOB_ID"]
         try:
             res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)

@@ -206,3 +206,26 @@ def test_no_full_logits_in_forward_or_backward():
         (per_token_ce(hidden, weight, labels, chunk_size=CHUNK) * grad_out).sum().backward()
     assert mode.largest <= bound
     assert hidden.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_chunk_of_logits_alive_at_a_time(monkeypatch, dtype):
+    import importlib
+    import weakref
+
+    ptc = importlib.import_module("megaslm.loss.per_token_ce")  # the attribute is the function
+
+    live, peak = [0], [0]
+    real = ptc._chunk_logits
+
+    def tracked(h, w):
+        out = real(h, w)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(out, lambda: live.__setitem__(0, live[0] - 1))
+        return out
+
+    monkeypatch.setattr(ptc, "_chunk_logits", tracked)
+    hidden, weight, labels, grad_out = _inputs((N_TOKENS,), HIDDEN, VOCAB, dtype)
+    (per_token_ce(hidden, weight, labels, chunk_size=CHUNK) * grad_out).sum().backward()
+    assert peak[0] == 1 and live[0] == 0
