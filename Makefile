@@ -21,7 +21,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_loss_head.py
-	$(PY) bench/bench_zero_stages.py
+	$(PY) bench/bench_training.py zero
+	$(PY) bench/bench_training.py slm
 
 clean:
 	rm -rf $(VENV) demo_run

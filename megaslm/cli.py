@@ -59,6 +59,12 @@ def cmd_demo(a) -> int:
     return run_demo(a.out, quick=a.quick, steps=a.steps)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megaslm", description="Pretraining with Selective Language Modeling "
                                  "(Rho-1) on DeepSpeed ZeRO.")
@@ -116,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed warns on every import that it found no GPU
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

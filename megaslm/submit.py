@@ -56,7 +56,8 @@ echo "megaslm: job ${SLURM_JOB_ID} (restart ${restarts}) on ${SLURM_JOB_NODELIST
 
 # The warning signal (--signal without B:) goes to the tasks, which finish their step, checkpoint and requeue
 # the job. This shell must not die first if it gets a signal too (scancel --full, --signal=B:...): trapping
-# makes `wait` return early, so keep waiting until srun is gone.
+# makes `wait` return early, so keep waiting until srun is gone. --kill-on-bad-exit: a rank that crashes takes
+# the others down at once instead of leaving them blocked in a collective until the timeout.
 trap 'echo "megaslm: batch shell got a signal; waiting for the tasks to checkpoint" >&2' USR1 USR2 TERM
 srun --kill-on-bad-exit=1 "${cmd[@]}" &
 srun_pid=$!

@@ -11,15 +11,14 @@ from megaslm.data.shards import ShardSet, ShardWriter, check_compatible
 from megaslm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 
-def __getattr__(name: str):  # lazy: these pull in torch / datasets
+def __getattr__(name: str):  # lazy: the loader pulls in torch
     if name == "PackedLoader":
         from megaslm.data.loader import PackedLoader
         return PackedLoader
-    if name == "prepare":
-        from megaslm.data.prepare import prepare
-        return prepare
     raise AttributeError(name)
 
 
+# `prepare` is not re-exported: the name is also the submodule megaslm.data.prepare (import the function
+# from there), and a package attribute would be shadowed by the submodule once imported.
 __all__ = ["ShardSet", "ShardWriter", "check_compatible", "Tokenizer", "load_tokenizer", "train_tokenizer",
-           "PackedLoader", "prepare"]
+           "PackedLoader"]

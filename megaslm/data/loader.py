@@ -132,7 +132,8 @@ class PackedLoader:
         """Position plus what it is only meaningful for (checked by `load_state_dict`)."""
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
                 "global_batch_size": self.global_batch_size, "num_tokens": self.shards.num_tokens,
-                "num_documents": self.shards.num_documents, "fingerprint": self.shards.fingerprint, "shards": self.shards.path}
+                "num_documents": self.shards.num_documents, "fingerprint": self.shards.fingerprint,
+                "shards": self.shards.path}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the saved loader stopped. Raises UserError if the state belongs to a

@@ -9,6 +9,7 @@ in flight, so memory is bounded by a few batches plus the writer's buffer, never
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import sys
@@ -28,6 +29,8 @@ _worker_tok: Tokenizer | None = None
 def _init_worker(tok: Tokenizer) -> None:
     global _worker_tok
     _worker_tok = tok
+    if hasattr(tok, "num_threads"):  # one thread per worker: the pool already spreads over the cores
+        tok.num_threads = 1
 
 
 def _encode(task: tuple[int, list[str]], tok: Tokenizer | None = None) -> tuple[int, np.ndarray, np.ndarray]:
@@ -36,7 +39,7 @@ def _encode(task: tuple[int, list[str]], tok: Tokenizer | None = None) -> tuple[
     source, texts = task
     ids = (tok or _worker_tok).encode_batch(texts)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
     return source, flat, lengths
 
 

@@ -4,7 +4,8 @@ Supported files (a `.gz` suffix on any text format is decompressed on the fly):
 
 - `.txt`, `.txt.gz`: a document is a block of text separated from the next by a blank line (`"\\n\\n"`, the
   `sample_by="paragraph"` mode of the `datasets` text builder). Leading/trailing newlines of a block are
-  stripped. A file is read 10 MB at a time, so memory stays bounded unless one block is huge.
+  stripped; undecodable bytes become U+FFFD. A file is read 10 MB at a time, so memory stays bounded unless
+  one block is huge.
 - `.jsonl`, `.jsonl.gz`, `.json`, `.json.gz`: one document per record, taken from `text_field`.
   `.json` may be JSON lines or one JSON array (an array is loaded whole by `datasets`).
 - `.parquet`: one document per row, column `text_field`; read a record batch at a time.
@@ -16,6 +17,9 @@ Empty documents (empty string, whitespace only, or null) are skipped. Every read
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 from megaslm.errors import UserError
@@ -82,12 +86,20 @@ def iter_text_batches(path: str, text_field: str = "text", batch_size: int = 100
     if not os.path.isfile(path):
         raise UserError(f"input {path} does not exist")
     builder = _BUILDERS[suffix]
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    # Undecodable bytes in plain text become U+FFFD instead of failing the whole file.
+    kwargs = {"sample_by": "paragraph", "encoding_errors": "replace"} if builder == "text" else {}
     field = "text" if builder == "text" else text_field
     datasets.disable_progress_bars()
+    data_file = os.path.abspath(path)
+    link_dir = None
+    if re.search(r"[][*?{}!#%:]", data_file):
+        # datasets reads data_files as glob patterns / fsspec URLs ("gzip://...::path"), which names like
+        # "part[1].jsonl.gz" break; hand it a plain-named symlink instead.
+        link_dir = tempfile.mkdtemp(prefix="megaslm-input-")
+        os.symlink(data_file, os.path.join(link_dir, "input" + suffix))
+        data_file = os.path.join(link_dir, "input" + suffix)
     try:
-        ds = datasets.load_dataset(builder, data_files=[os.path.abspath(path)], split="train", streaming=True,
-                                   **kwargs)
+        ds = datasets.load_dataset(builder, data_files=[data_file], split="train", streaming=True, **kwargs)
         for batch in ds.iter(batch_size=batch_size):
             if field not in batch:
                 raise UserError(f"input {path} has no field {field!r} (fields: {', '.join(batch) or 'none'})")
@@ -109,3 +121,6 @@ def iter_text_batches(path: str, text_field: str = "text", batch_size: int = 100
         # datasets / pyarrow raise these for malformed JSON, bad parquet, bad gzip, undecodable text.
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"input {path} could not be read: {first_line}") from e
+    finally:
+        if link_dir is not None:
+            shutil.rmtree(link_dir, ignore_errors=True)

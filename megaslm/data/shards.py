@@ -68,7 +68,8 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, vocab_size: int, fingerprint: str, eos_id: int, sources: list[str],
                  max_tokens_per_shard: int = 2**27, buffer_tokens: int = 1 << 20):
-        self.out_dir = os.path.abspath(out_dir)
+        # realpath: if out_dir is a symlink (e.g. to scratch space), build and swap next to its target.
+        self.out_dir = os.path.realpath(out_dir)
         if not _is_replaceable(self.out_dir):
             raise UserError(f"output {out_dir} exists and is not a shard set; refusing to replace it "
                             "(choose a new or empty directory)")
@@ -288,6 +289,9 @@ class ShardSet:
         self._dtype = _DTYPES[meta["dtype"]]
         total = 0
         for s in meta["shards"]:
+            if not (isinstance(s, dict) and isinstance(s.get("num_tokens"), int) and s.get("num_tokens", -1) >= 0
+                    and isinstance(s.get("file"), str) and isinstance(s.get("docs_file"), str)):
+                raise UserError(f"{meta_path}: malformed shard entry {s!r}")
             f = os.path.join(self.path, s["file"])
             if not os.path.isfile(f):
                 raise UserError(f"shard file {f} listed in {meta_path} is missing")

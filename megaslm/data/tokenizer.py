@@ -112,8 +112,11 @@ class SentencePieceTokenizer(Tokenizer):
     def __setstate__(self, state):
         self._init(state["path"], state["data"])
 
+    # Threads for batch encoding; -1 = all cores. prepare's worker processes set 1 to avoid oversubscription.
+    num_threads: int = -1
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts), out_type=int)
+        return self._sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -36,8 +36,9 @@ def compute_objective(
     Metrics are identical on every rank and describe the global micro-batch: loss, loss_all, n_valid, and for
     "slm" also loss_selected, loss_unselected (omitted when every valid token is selected), ref_loss,
     selected_frac, threshold (excess of the k-th selected token; for the local scopes the lowest selected
-    excess of the group), excess_p10/p50/p90 (exact, numpy's "lower" quantiles), n_selected (the means are omitted when there are no tokens);
-    with `source`, tokens/<i> for every source and (slm) selected_frac/<i> for the sources with tokens.
+    excess of the group), excess_p10/p50/p90 (exact, numpy's "lower" quantiles), n_selected. Means over no
+    tokens are omitted rather than NaN. With `source`, tokens/<i> for every source and (slm) selected_frac/<i>
+    for the sources with tokens.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")

@@ -58,7 +58,8 @@ def select_tokens(
     scope: "sequence" | "rank" | "global". group: the ranks that share a "global" selection
     (default: the world when torch.distributed is initialized, else this process alone); every rank of the
     group must call this together. Exactly ceil(ratio * n_valid) tokens are selected per row / rank / group.
-    Raises ValueError on a bad ratio or scope, or a NaN excess on a valid token (on every rank of the group).
+    Raises ValueError on a bad ratio or scope, or a NaN excess on a valid token (for scope "global" on every
+    rank of the group at once, so that none is left waiting in a collective).
     """
     return select_tokens_with_threshold(excess, valid, ratio, scope, group)[0]
 

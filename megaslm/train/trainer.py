@@ -216,7 +216,7 @@ class Trainer:
             return None
         self.engine.eval()
         loader = PackedLoader(self.valid_shards, self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
-                              dp_rank=self.groups.dp_rank, dp_size=self.groups.dp_size, seed=0)
+                              dp_rank=self.groups.dp_rank, dp_size=self.groups.dp_size, seed=0, eval_only=True)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in loader.eval_batches(self.cfg.data.valid_sequences):
             labels = batch["labels"].to(self.device)

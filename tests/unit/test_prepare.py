@@ -1,6 +1,9 @@
 import gzip
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -57,9 +60,9 @@ def inputs(tmp_path_factory):
     pq.write_table(pa.table({"text": docs, "n": list(range(40))}), d / "d.parquet", row_group_size=7)
     expected["d.parquet"] = docs
     docs = make_docs(5, 5)
-    with gzip.open(d / "e.txt.gz", "wt") as f:
+    with gzip.open(d / "e[1].txt.gz", "wt") as f:
         f.write("\n\n".join(docs))
-    expected["e.txt.gz"] = docs
+    expected["e[1].txt.gz"] = docs
     docs = make_docs(4, 6)
     (d / "f.json").write_text(json.dumps([{"text": t} for t in docs]))
     expected["f.json"] = docs
@@ -77,7 +80,7 @@ def expected_stream(tok, files, expected):
 
 def test_every_format_gives_the_tokenizer_ids(tmp_path, tok_dir, inputs):
     d, expected = inputs
-    names = ["a.txt", "b.jsonl", "c.jsonl.gz", "d.parquet", "e.txt.gz", "f.json"]
+    names = ["a.txt", "b.jsonl", "c.jsonl.gz", "d.parquet", "e[1].txt.gz", "f.json"]
     meta = prepare([str(d / n) for n in names], tok_dir, str(tmp_path / "out"), batch_docs=8)
     tok = load_tokenizer(tok_dir)
     toks, srcs = expected_stream(tok, names, expected)
@@ -143,3 +146,30 @@ def test_failure_midway_keeps_the_old_set(tmp_path, tok_dir, inputs):
         assert s.sources == [str(d / "b.jsonl")]
         np.testing.assert_array_equal(s.read(0, s.num_tokens), before)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("out")) == ["out"]
+
+
+def test_killed_prepare_keeps_the_old_set(tmp_path, tok_dir, inputs):
+    """SIGKILL at the worst moment: the new set is complete (meta.json written) but not yet swapped in."""
+    d, _ = inputs
+    out = tmp_path / "out"
+    prepare([str(d / "b.jsonl")], tok_dir, str(out))
+    old = ShardSet(str(out))
+    before = old.read(0, old.num_tokens)
+    script = (
+        "import os, signal\n"
+        "from megaslm.data import prepare, shards\n"
+        "shards.ShardWriter._swap_in = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"prepare.prepare([{str(d / 'c.jsonl.gz')!r}], {tok_dir!r}, {str(out)!r})\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = [n for n in os.listdir(tmp_path) if n.startswith("out.tmp-")]
+    assert len(left) == 1 and os.path.isfile(tmp_path / left[0] / "meta.json")
+    s = ShardSet(str(out))
+    assert s.sources == [str(d / "b.jsonl")]
+    np.testing.assert_array_equal(s.read(0, s.num_tokens), before)
+    # Running it again completes and replaces the set.
+    prepare([str(d / "c.jsonl.gz")], tok_dir, str(out))
+    assert ShardSet(str(out)).sources == [str(d / "c.jsonl.gz")]

@@ -70,8 +70,8 @@ def test_round_trip_across_files(tmp_path, vocab, dtype):
     np.testing.assert_array_equal(s.read(0, len(toks)), toks)
     bounds = np.cumsum([0] + [sh["num_tokens"] for sh in meta["shards"]])
     rng = np.random.default_rng(1)
-    ranges = [(b - 3, b + 4) for b in bounds[1:-1]] + [(int(a), int(a) + int(n)) for a, n in
-                                                       zip(rng.integers(0, len(toks) - 60, 30), rng.integers(0, 60, 30))]
+    starts, lengths = rng.integers(0, len(toks) - 60, 30), rng.integers(0, 60, 30)
+    ranges = [(b - 3, b + 4) for b in bounds[1:-1]] + [(int(a), int(a + n)) for a, n in zip(starts, lengths)]
     for a, b in ranges + [(0, 0), (len(toks) - 1, len(toks))]:
         got = s.read(a, b)
         assert got.dtype == np.dtype(dtype)
@@ -184,7 +184,8 @@ def test_check_compatible(tmp_path):
     s = ShardSet(str(tmp_path / "s"))
     check_compatible(s, 512, "ab" * 32, "tiny")
     check_compatible(s, 512, None, "tiny")
-    with pytest.raises(UserError, match=r"shards .*/s were tokenized with vocab_size 512 .*model tiny has vocab_size 1000"):
+    msg = r"shards .*/s were tokenized with vocab_size 512 .*model tiny has vocab_size 1000"
+    with pytest.raises(UserError, match=msg):
         check_compatible(s, 1000, None, "tiny")
     with pytest.raises(UserError, match=r"different tokenizer.*abab.*tiny.*ffff"):
         check_compatible(s, 512, "f" * 64, "tiny")
