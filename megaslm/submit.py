@@ -29,6 +29,8 @@ DEFAULT_MAX_REQUEUES = 3
 # The launch part shared by slurm/pretrain.sbatch, slurm/run.sbatch and generated scripts (a test keeps them
 # identical). It expects MEGASLM_MAX_REQUEUES and the bash array `cmd` (the command each task runs).
 LAUNCH = r"""
+: "${SLURM_JOB_ID:?is not set: submit this script with sbatch}"
+
 # A job that Slurm keeps requeueing (repeated preemption or node failures) stops after MEGASLM_MAX_REQUEUES.
 export MEGASLM_MAX_REQUEUES
 restarts=${SLURM_RESTART_COUNT:-0}

@@ -117,17 +117,16 @@ def test_time_limit_seconds():
                                                    "UNLIMITED")] == [5400, 630, 14400, 172800, 93600, 95400, None]
 
 
-def test_sbatch_not_found(tmp_path, monkeypatch):
+def test_sbatch_not_found(tmp_path, monkeypatch, capsys):
     _write_config(tmp_path / "cfg.yaml")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(UserError, match="sbatch not found"):
         submit.run(_parse(["cfg.yaml", "--nodes", "1", "--gpus-per-node", "0"]))
     # Through the CLI: one `error:` line and status 2.
-    res = subprocess.run([sys.executable, "-m", "megaslm.cli", "submit", "cfg.yaml", "--nodes", "1",
-                          "--gpus-per-node", "0"], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PATH": str(tmp_path / "empty")})
-    assert res.returncode == 2 and res.stderr.strip().startswith("error: sbatch not found"), res.stderr
+    assert cli_main(["submit", "cfg.yaml", "--nodes", "1", "--gpus-per-node", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sbatch not found"), err
 
 
 def test_slurm_scripts_share_the_launch_code():
