@@ -90,19 +90,25 @@ class Monitor:
         self._file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             step = record.get("step")
-            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+            self._wandb_call(lambda: self.wandb.log({k: v for k, v in record.items()
+                                                     if k != "step" and v is not None}, step=step))
         if console:
             print(console, file=sys.stdout, flush=True)
 
-    def summary(self, values: dict) -> None:
-        if self.enabled and self.wandb is not None:
-            for k, v in values.items():
-                self.wandb.summary[k] = v
+    def _wandb_call(self, fn) -> None:
+        """wandb must never take the run down: Slurm's SIGTERM also reaches wandb's service process, and the
+        next call then fails while the trainer still has a checkpoint to write. Log it once, go on without."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - any wandb failure is reported and survived
+            print(f"megaslm: wandb failed ({type(e).__name__}: {e}); continuing without it "
+                  f"(metrics.jsonl is complete)", file=sys.stderr, flush=True)
+            self.wandb = None
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self._wandb_call(self.wandb.finish)
             self.wandb = None

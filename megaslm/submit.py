@@ -4,15 +4,14 @@ The script is the one in slurm/pretrain.sbatch with the #SBATCH lines filled in 
 can be read, edited and re-submitted by hand (`sbatch RUN_DIR/megaslm.sbatch`) from any directory. It starts
 one task per GPU (or `--tasks-per-node` tasks on a CPU cluster) with srun; each task runs
 `megaslm train CONFIG --set ...`, takes its rank from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS and meets the
-others at MASTER_ADDR (first host of the allocation) : MASTER_PORT (derived from the job id). The job asks for
-a warning signal before its time limit and is requeueable; see megaslm/train/preempt.py.
+others at MASTER_ADDR (first host of the allocation) and MASTER_PORT (derived from the job id). The job asks
+for a warning signal before its time limit and is requeueable; see megaslm/train/preempt.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import re
 import shlex
 import shutil
@@ -26,16 +25,18 @@ SCRIPT_NAME = "megaslm.sbatch"
 DEFAULT_SIGNAL_SECONDS = 600
 DEFAULT_MAX_REQUEUES = 3
 
-# The launch part shared by slurm/pretrain.sbatch, slurm/run.sbatch and generated scripts (a test keeps them
-# identical). It expects MEGASLM_MAX_REQUEUES and the bash array `cmd` (the command each task runs).
-LAUNCH = r"""
+# The launch code shared by slurm/pretrain.sbatch, slurm/run.sbatch and generated scripts (a test keeps them
+# identical): PREPARE, then `SRUN <the command each task runs> &`, then WAIT. PREPARE expects
+# MEGASLM_MAX_REQUEUES to be set.
+PREPARE = r"""
 : "${SLURM_JOB_ID:?is not set: submit this script with sbatch}"
 
 # A job that Slurm keeps requeueing (repeated preemption or node failures) stops after MEGASLM_MAX_REQUEUES.
 export MEGASLM_MAX_REQUEUES
 restarts=${SLURM_RESTART_COUNT:-0}
 if (( restarts > MEGASLM_MAX_REQUEUES )); then
-  echo "megaslm: job ${SLURM_JOB_ID} was requeued ${restarts} times (MEGASLM_MAX_REQUEUES=${MEGASLM_MAX_REQUEUES}); giving up" >&2
+  echo "megaslm: job ${SLURM_JOB_ID} was requeued ${restarts} times" \
+       "(MEGASLM_MAX_REQUEUES=${MEGASLM_MAX_REQUEUES}); giving up" >&2
   exit 1
 fi
 
@@ -54,15 +55,16 @@ if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CP
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}
 
 echo "megaslm: job ${SLURM_JOB_ID} (restart ${restarts}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} tasks," \
-     "master ${MASTER_ADDR}:${MASTER_PORT}: ${cmd[*]}"
+     "master ${MASTER_ADDR}:${MASTER_PORT}"
 
 # The warning signal (--signal without B:) goes to the tasks, which finish their step, checkpoint and requeue
 # the job. This shell must not die first if it gets a signal too (scancel --full, --signal=B:...): trapping
 # makes `wait` return early, so keep waiting until srun is gone. --kill-on-bad-exit: a rank that crashes takes
 # the others down at once instead of leaving them blocked in a collective until the timeout.
 trap 'echo "megaslm: batch shell got a signal; waiting for the tasks to checkpoint" >&2' USR1 USR2 TERM
-srun --kill-on-bad-exit=1 "${cmd[@]}" &
-srun_pid=$!
+"""
+SRUN = "srun --kill-on-bad-exit=1"
+WAIT = r"""srun_pid=$!
 while true; do
   rc=0
   wait "$srun_pid" || rc=$?
@@ -176,6 +178,7 @@ def build_script(a: argparse.Namespace, config: Path, run_dir: Path, workdir: Pa
     cmd = [megaslm or megaslm_executable(), a.subcommand, str(config)]
     for item in a.overrides:
         cmd += ["--set", item]
+    srun = f"{SRUN} {' '.join(shlex.quote(c) for c in cmd)} &\n"
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     header = [
         "#!/bin/bash",
@@ -185,9 +188,8 @@ def build_script(a: argparse.Namespace, config: Path, run_dir: Path, workdir: Pa
         "",
         "set -euo pipefail",
         f"MEGASLM_MAX_REQUEUES={a.max_requeues}",
-        "cmd=(" + " ".join(shlex.quote(c) for c in cmd) + ")",
     ]
-    return "\n".join(header) + "\n" + LAUNCH
+    return "\n".join(header) + "\n" + PREPARE + srun + WAIT
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
     if not config.is_file():
         raise UserError(f"config file not found: {args.config}")
     cfg = load_config(config, args.overrides)
+    tasks = args.nodes * (args.gpus_per_node or args.tasks_per_node or 1)
+    if tasks % cfg.parallel.tensor:
+        raise UserError(f"parallel.tensor={cfg.parallel.tensor} does not divide the {tasks} tasks of "
+                        f"--nodes {args.nodes} x {args.gpus_per_node or args.tasks_per_node or 1} per node")
     workdir = Path.cwd().absolute()
     # The tasks run in `workdir` (--chdir), so relative paths in the config mean what they mean here.
     run_dir = (workdir / cfg.run.dir).absolute()

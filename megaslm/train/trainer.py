@@ -87,6 +87,8 @@ class Trainer:
         import deepspeed
 
         self.cfg = cfg
+        # First: a stop signal that arrives while the engines are built is honoured after the first step.
+        self.preemption = Preemption()
         mdist.init_distributed()
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -160,7 +162,6 @@ class Trainer:
             self.lm_config.save_pretrained(self.run_dir / "hf_config")
         self.monitor = Monitor(str(self.run_dir), cfg, self.is_main, self.step,
                                {**cfg.to_dict(), "run_info": self.run_info})
-        self.preemption = Preemption()
 
         self.tokens_per_step = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * g.dp_size
         n_params = self.summary["params"]

@@ -41,7 +41,10 @@ def ensure_installed() -> str | None:
         return f"Slurm is not installed ({', '.join(missing_binaries())} missing) and there is no apt-get"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        try:
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            return f"`{' '.join(cmd)}` did not finish in 15 minutes"
         if res.returncode != 0:
             tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
             return f"`{' '.join(cmd)}` failed (rc {res.returncode}): {' | '.join(tail)}"

@@ -69,9 +69,9 @@ def test_dry_run_16_nodes_8_gpus(tmp_path, monkeypatch, capsys):
         assert want in lines, (want, lines)
     assert not any(x.startswith("--signal=B:") for x in lines)  # the tasks, not only the batch shell, get it
     # One srun line launching `megaslm train <absolute config> --set ...` with the overrides in order.
-    srun = [line for line in script.splitlines() if line.lstrip().startswith("srun ")]
-    assert srun == ['srun --kill-on-bad-exit=1 "${cmd[@]}" &']
-    cmd = re.search(r"^cmd=\((.*)\)$", script, re.M).group(1).split()
+    srun = [line.split() for line in script.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and srun[0][:2] == ["srun", "--kill-on-bad-exit=1"] and srun[0][-1] == "&", srun
+    cmd = srun[0][2:-1]
     assert Path(cmd[0]).is_absolute() and cmd[0].endswith("megaslm")
     assert cmd[1:] == ["train", str(cfg), "--set", "train.steps=1000", "--set", "train.lr=1e-4"]
     assert "MEGASLM_MAX_REQUEUES=3" in script
@@ -101,6 +101,7 @@ def test_dry_run_cpu_tasks_and_options(tmp_path, monkeypatch, capsys):
     (["cfg.yaml", "--nodes", "1", "--gpus-per-node", "8", "--tasks-per-node", "4"], "--tasks-per-node 4"),
     (["cfg.yaml", "--nodes", "1", "--gpus-per-node", "1", "--set", "train.steps=zero"], "train.steps"),
     (["cfg.yaml", "--nodes", "1", "--gpus-per-node", "1", "--time", "soon"], "--time 'soon'"),
+    (["cfg.yaml", "--nodes", "3", "--gpus-per-node", "1", "--set", "parallel.tensor=2"], "parallel.tensor=2"),
     # The USR1 warning must come after the start: 600 s before a 10-minute limit is at once.
     (["cfg.yaml", "--nodes", "1", "--gpus-per-node", "1", "--time", "10:00"], "--signal-seconds 600"),
 ])
@@ -110,6 +111,39 @@ def test_bad_input_is_a_user_error(tmp_path, monkeypatch, argv, match):
     with pytest.raises(UserError, match=match):
         submit.run(_parse([*argv, "--dry-run"]))
     assert not (tmp_path / "runs").exists()  # nothing written for bad input
+
+
+@pytest.mark.parametrize("first_host, master", [("localhost", "localhost"),
+                                                 ("megaslm-node-a.invalid", "10.1.2.3")])
+def test_script_rendezvous_and_requeue_cap(tmp_path, monkeypatch, capsys, first_host, master):
+    """Run the written script with bash, with fake scontrol/srun: what srun gets, and the requeue cap."""
+    _write_config(tmp_path / "cfg.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert submit.run(_parse(["cfg.yaml", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "6",
+                              "--max-requeues", "2", "--set", "train.lr=1e-3", "--dry-run"])) == 0
+    script = tmp_path / "runs" / "x" / submit.SCRIPT_NAME
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1 $2" = "show hostnames" ]; then printf "{first_host}\\nnode-b\\n"; '
+        f'else echo "NodeName={first_host} Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=h"; fi\n')
+    (fake / "srun").write_text('#!/bin/sh\necho "srun $*"\n'
+                               'echo "env $MASTER_ADDR $MASTER_PORT $MEGASLM_MAX_REQUEUES $OMP_NUM_THREADS '
+                               '$SRUN_CPUS_PER_TASK"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "x[1-2]",
+           "SLURM_NTASKS": "8", "SLURM_CPUS_PER_TASK": "6"}
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cfg = tmp_path / "cfg.yaml"
+    assert "srun --kill-on-bad-exit=1 /" in res.stdout and f"megaslm train {cfg} --set train.lr=1e-3" in res.stdout
+    assert f"env {master} {20000 + 123456 % 20000} 2 6 6" in res.stdout, res.stdout
+    # Requeued by Slurm more often than --max-requeues: the job refuses to start.
+    res = subprocess.run(["bash", str(script)], env={**env, "SLURM_RESTART_COUNT": "3"}, capture_output=True,
+                         text=True)
+    assert res.returncode == 1 and "requeued 3 times" in res.stderr and "srun" not in res.stdout
 
 
 def test_time_limit_seconds():
@@ -130,10 +164,12 @@ def test_sbatch_not_found(tmp_path, monkeypatch, capsys):
 
 
 def test_slurm_scripts_share_the_launch_code():
-    for name, usage_args in (("pretrain.sbatch", 1), ("run.sbatch", 2)):
+    for name in ("pretrain.sbatch", "run.sbatch"):
         path = REPO / "slurm" / name
         text = path.read_text()
-        assert text.endswith(submit.LAUNCH), f"{path}: launch part differs from megaslm.submit.LAUNCH"
+        assert submit.PREPARE in text and text.endswith(submit.WAIT), f"{path}: launch code differs from megaslm.submit"
+        srun = text[text.index(submit.PREPARE) + len(submit.PREPARE):-len(submit.WAIT)]
+        assert srun.startswith(submit.SRUN + ' "${MEGASLM:-megaslm}" ') and srun.endswith('"$@" &\n'), srun
         lines = _sbatch_lines(text)
         for opt in ("--nodes=", "--ntasks-per-node=", "--gpus-per-node=", "--cpus-per-task=", "--time=",
                     "--output=", "--requeue", "--signal=USR1@"):
@@ -282,6 +318,30 @@ def _submit(cluster, workdir: Path, run_dir: str, *extra: str) -> str:
     job_id = res.stdout.strip().splitlines()[-1]
     assert job_id.isdigit(), res.stdout
     return job_id
+
+
+@pytest.mark.parametrize("script, args, ran", [
+    ("pretrain.sbatch", ["cfg.yaml", "--set", "train.lr=1e-3"], "train cfg.yaml --set train.lr=1e-3"),
+    ("run.sbatch", ["score", "cfg.yaml"], "score cfg.yaml"),
+])
+def test_hand_written_scripts_on_the_cluster(slurm_cluster, tmp_path, script, args, ran):
+    """slurm/*.sbatch as a user submits them, #SBATCH lines overridden on the command line; a stand-in for
+    `megaslm` (MEGASLM=...) reports what each task was started with."""
+    fake = tmp_path / "megaslm"
+    fake.write_text('#!/bin/sh\necho "task $SLURM_PROCID/$SLURM_NTASKS on $SLURMD_NODENAME '
+                    'master $MASTER_ADDR:$MASTER_PORT: $*"\n')
+    fake.chmod(0o755)
+    res = _sh(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+               f"--output={tmp_path}/%j.out", str(REPO / "slurm" / script), *args],
+              {**slurm_cluster.env, "MEGASLM": str(fake)}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip().split(";")[0]
+    job = _wait_done(slurm_cluster, tmp_path, job_id)
+    out = (tmp_path / f"{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", out
+    master = f"127.0.0.1:{20000 + int(job_id) % 20000}"
+    for rank, node in ((0, "node1"), (1, "node2")):
+        assert f"task {rank}/2 on {node} master {master}: {ran}\n" in out, out
 
 
 @pytest.fixture(scope="module")
