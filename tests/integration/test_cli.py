@@ -92,3 +92,26 @@ def test_single_plain_process_run(tmp_path, tiny_data):
     for a, b in zip(read_metrics(run_dir), read_metrics(ac_dir)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_deepspeed_launcher(tmp_path, tiny_data):
+    """`deepspeed --num_gpus 2 $(which megaslm) train CFG`: the launcher's --local_rank argument is accepted."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megaslm.parallel.dist import free_port
+
+    run_dir = tmp_path / "r"
+    cfg = write_config(tmp_path / "c.yaml", base(run_dir, tiny_data))
+    bindir = Path(sys.executable).parent
+    megaslm = shutil.which("megaslm", path=str(bindir)) or shutil.which("megaslm")
+    cmd = [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), megaslm, "train", str(cfg)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert json.loads((run_dir / "run_info.json").read_text())["world_size"] == 2
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]

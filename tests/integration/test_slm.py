@@ -100,3 +100,16 @@ def test_init_from_local_checkpoint_under_zero3(tmp_path, tiny_data, reference_d
     (rec,) = read_metrics(run)
     # One step at lr 1e-9 leaves the weights as loaded: the run's validation loss is the checkpoint's own.
     assert rec["val_loss"] == pytest.approx(hf_valid_loss(reference_dir / "good", tiny_data), rel=1e-4)
+
+
+def test_slm_zero3_offload_with_offloaded_reference(tmp_path, tiny_data, reference_dir):
+    """ZeRO-3 with optimizer + parameter offload (DeepSpeedCPUAdam), reference partitioned and offloaded."""
+    run = tmp_path / "off"
+    cfg = slm_config(run, tiny_data, reference_dir / "good", zero="zero3_offload", placement="zero3_offload",
+                     steps=2)
+    run_cli("train", str(write_config(tmp_path / "o.yaml", cfg)), nproc=2, check=True, timeout=900)
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs] == [1, 2] and all(r["n_selected"] == 77 for r in recs)
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert json.loads((run / "run_info.json").read_text())["reference_placement"] == "zero3_offload"
