@@ -92,6 +92,7 @@ class SLMConfig:
 class ReferenceConfig:
     path: str | None = None  # local Hugging Face directory of the reference model
     placement: str = "auto"  # auto | replicated | zero3 | zero3_offload
+    cache: str | None = None  # directory of reference losses written by `megaslm score` (used instead of the model)
 
 
 @dataclass
@@ -244,8 +245,8 @@ def validate(cfg: Config, src: str = "config") -> Config:
     if cfg.reference.placement not in ("auto", "replicated", "zero3", "zero3_offload"):
         raise bad("reference.placement",
                   f"must be auto, replicated, zero3 or zero3_offload, got {cfg.reference.placement!r}")
-    if cfg.objective == "slm" and not cfg.reference.path:
-        raise bad("reference.path", "is required when objective is slm")
+    if cfg.objective == "slm" and not (cfg.reference.path or cfg.reference.cache):
+        raise bad("reference.path", "is required when objective is slm (or reference.cache)")
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise bad("wandb.mode", f"must be online, offline or disabled, got {cfg.wandb.mode!r}")
     if cfg.parallel.tensor < 1:

@@ -15,12 +15,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megaslm.errors import UserError
+from megaslm.parallel.tensor import consolidate_tp_checkpoint, merge_tp_shards, read_layout
 from megaslm.train.checkpoint import latest_tag
 
 PREFIX = "lm."  # TokenLossModel keeps the Hugging Face model as `.lm`
 
 
-def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
+def _rank_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The module's weights from DeepSpeed's files under ckpt_root/tag (all of one tensor-parallel rank)."""
     tag_dir = ckpt_root / tag
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -32,6 +34,16 @@ def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor
             raise UserError(f"{tag_dir}: no DeepSpeed model states found")
         sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()}
+
+
+def consolidated_state_dict(ckpt_root: Path, tag: str, run_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """The full Hugging Face state dict of a checkpoint: ZeRO partitions consolidated, and with tensor
+    parallelism (RUN_DIR/tp_layout.json) each tensor-parallel rank consolidated alone, then the shards merged."""
+    layout = read_layout(run_dir) if run_dir is not None else None
+    if layout is None or layout["tp_size"] == 1:
+        return _rank_state_dict(ckpt_root, tag)
+    shards = consolidate_tp_checkpoint(ckpt_root, tag, layout["tp_size"], _rank_state_dict)
+    return merge_tp_shards(shards, layout["params"])
 
 
 def find_tokenizer(run_dir: Path) -> str | None:
@@ -57,7 +69,7 @@ def export(run_dir: str, out: str, tag: str | None = None) -> Path:
         raise UserError(f"{ckpt_root}: no complete checkpoint to export")
     info = json.loads((run / "run_info.json").read_text())
     hf_cfg = AutoConfig.from_pretrained(run / "hf_config", local_files_only=True)
-    state = consolidated_state_dict(ckpt_root, tag)
+    state = consolidated_state_dict(ckpt_root, tag, run)
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg)

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from megaslm.config import REPO_ROOT
 from megaslm.errors import UserError
-from megaslm.model.build import TokenLossModel, count_params, load_hf_config
+from megaslm.model.build import TokenLossModel, count_params, load_hf_config, zero_stage
 
 AUTO_FRACTION = 0.2
 
@@ -53,7 +53,8 @@ def reference_bytes(path: str, dtype: torch.dtype) -> int:
     return count_params(model) * torch.tensor([], dtype=dtype).element_size()
 
 
-def choose_placement(placement: str, path: str, dtype: torch.dtype) -> str:
+def choose_placement(placement: str, path: str, dtype: torch.dtype, tp_size: int = 1) -> str:
+    """`auto` resolved by the share of the weights one rank holds (tensor parallelism splits most of them)."""
     if placement != "auto":
         return placement
     if torch.cuda.is_available():
@@ -62,22 +63,30 @@ def choose_placement(placement: str, path: str, dtype: torch.dtype) -> str:
         import psutil
 
         total = psutil.virtual_memory().total
-    return "replicated" if reference_bytes(path, dtype) <= AUTO_FRACTION * total else "zero3"
+    return "replicated" if reference_bytes(path, dtype) / tp_size <= AUTO_FRACTION * total else "zero3"
 
 
 class OnlineReference:
     """A frozen reference model as a DeepSpeed inference engine; see the module docstring for placement."""
 
     def __init__(self, path: str, placement: str, *, dtype: torch.dtype, micro_batch_size: int, dp_size: int,
-                 mpu=None, tp_group=None, chunk_size: int | None = None):
+                 mpu=None, tp_group=None, tp_size: int = 1, chunk_size: int | None = None):
         import deepspeed
 
-        self.placement = choose_placement(placement, path, dtype)
+        self.placement = choose_placement(placement, path, dtype, tp_size)
         ds = json.loads((REPO_ROOT / "ds_configs" / f"reference_{self.placement}.json").read_text())
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
         ds["gradient_accumulation_steps"] = 1
         ds["train_batch_size"] = micro_batch_size * dp_size
         ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+        if tp_size > 1:  # blocks and LM head sharded like the trained model's, on the same groups
+            from megaslm.parallel import tensor as tp
+
+            tp.check_parallel_setup(tp_size, tp_size, zero_stage(ds), f"reference.placement {self.placement}",
+                                    "use reference.placement replicated (tensor parallelism shards it) or "
+                                    "parallel.tensor=1")
+            tp.check_model_config(load_hf_config(path), tp_size, f"reference model {path}")
+            ds["tensor_parallel"] = tp.autotp_section(tp_size)
         keep = None
         if self.placement.startswith("zero3"):
             from transformers.integrations import HfDeepSpeedConfig
@@ -91,11 +100,11 @@ class OnlineReference:
             del keep
         lm.requires_grad_(False)
         lm.eval()
+        self.n_params = count_params(lm)  # before AutoTP shards it
         model = TokenLossModel(lm, tp_group=tp_group, chunk_size=chunk_size,
                                zero3=self.placement.startswith("zero3"))
         self.engine, *_ = deepspeed.initialize(model=model, config=ds, mpu=mpu)
         self.engine.eval()
-        self.n_params = count_params(lm)
         self.config = lm.config
 
     @torch.no_grad()

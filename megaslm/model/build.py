@@ -77,6 +77,9 @@ class TokenLossModel(nn.Module):
         self.lm = lm
         self.tp_group = tp_group
         self.chunk_size = chunk_size
+        # DeepSpeed AutoTP installs its own vocab-parallel loss on this hook when the head is vocab-sharded; it must
+        # exist and be writable. It is never called: the loss is per_token_ce below.
+        self.loss_function = None
         if zero3:
             import deepspeed
 

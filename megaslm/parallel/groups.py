@@ -2,7 +2,8 @@
 
 Layout: `tp` consecutive ranks form a tensor-parallel group (they share a node when tp <= GPUs per node);
 ranks with the same position inside their tensor group form a data-parallel group. ZeRO shards and reduces over
-the data-parallel group only, which DeepSpeed learns from the mpu passed to `deepspeed.initialize`.
+the data-parallel group only, which DeepSpeed learns from the mpu passed to `deepspeed.initialize` (with
+tensor parallelism, the groups are DeepSpeed's own: see megaslm/parallel/tensor.py).
 """
 
 from __future__ import annotations
@@ -22,19 +23,14 @@ class ParallelGroups:
         self.dp_size = world // tensor
         self.tp_rank = rank % tensor
         self.dp_rank = rank // tensor
-        self.tp_group = None
-        self.dp_group = None
-        # Every rank must create every group, in the same order.
-        for d in range(self.dp_size):
-            ranks = list(range(d * tensor, (d + 1) * tensor))
-            g = dist.new_group(ranks) if tensor > 1 else None
-            if rank in ranks:
-                self.tp_group = g
-        for t in range(tensor):
-            ranks = list(range(t, world, tensor))
-            g = dist.new_group(ranks) if tensor > 1 else dist.group.WORLD
-            if rank in ranks:
-                self.dp_group = g
+        if tensor > 1:
+            # AutoTP always runs on DeepSpeed's own (dp, tp) groups: use exactly those (checked against this
+            # layout), so the loss, the selection and ZeRO all see the same groups.
+            from megaslm.parallel.tensor import init_groups
+
+            self.tp_group, self.dp_group = init_groups(tensor)
+        else:
+            self.tp_group, self.dp_group = None, dist.group.WORLD
 
     # --- the mpu interface DeepSpeed calls (Megatron naming) ---
     def get_data_parallel_group(self):

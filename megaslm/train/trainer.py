@@ -24,6 +24,7 @@ from megaslm.loss.objective import compute_objective
 from megaslm.model.build import TokenLossModel, create_model, model_summary, write_json, zero_stage
 from megaslm.monitor import Monitor, device_peak_tflops, flops_per_token
 from megaslm.parallel import dist as mdist
+from megaslm.parallel import tensor as tp
 from megaslm.parallel.groups import ParallelGroups
 from megaslm.train import checkpoint
 from megaslm.train.faults import maybe_fail
@@ -67,6 +68,14 @@ def build_ds_config(cfg: Config, dp_size: int, dtype: torch.dtype) -> dict:
     return ds
 
 
+def _config_zero_stage(cfg: Config) -> int:
+    path = resolve_path(cfg.deepspeed.config)
+    try:
+        return zero_stage(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError):
+        return 0  # build_ds_config reports the bad file
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; norms and biases are not decayed."""
     decay, no_decay = [], []
@@ -92,6 +101,9 @@ class Trainer:
         mdist.init_distributed()
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        tp.check_parallel_setup(cfg.parallel.tensor, self.world, _config_zero_stage(cfg),
+                                f"deepspeed.config {cfg.deepspeed.config}",
+                                "use a ZeRO-1 or ZeRO-2 config (e.g. ds_configs/zero2.json) or parallel.tensor=1")
         self.groups = ParallelGroups(cfg.parallel.tensor)
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.run.dir).resolve()
@@ -121,17 +133,23 @@ class Trainer:
         # Model and engine.
         mpu = g if g.tp_size > 1 else None
         self.ds_config = build_ds_config(cfg, g.dp_size, self.dtype)
+        if g.tp_size > 1:
+            self.ds_config["tensor_parallel"] = tp.autotp_section(g.tp_size)
         lm = create_model(preset=cfg.model.preset, init_from=cfg.model.init_from, vocab_size=vocab,
                           ds_config=self.ds_config, dtype=self.dtype, eos_id=self.train_shards.eos_id, mpu=mpu)
         if cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.summary = model_summary(lm)
+        tp.check_model_config(lm.config, g.tp_size, f"model {cfg.model.init_from or cfg.model.preset}")
+        self.summary = model_summary(lm)  # before AutoTP: the full (unsharded) parameter count
         self.lm_config = lm.config
         model = TokenLossModel(lm, tp_group=g.tp_group, zero3=zero_stage(self.ds_config) == 3)
         sched = make_scheduler(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=self.ds_config,
             lr_scheduler=sched, mpu=mpu)
+        if g.tp_size > 1:  # which parameters AutoTP split, and how: export merges the shards with it
+            self.tp_layout = tp.capture_layout(self.engine.module.lm, self.lm_config, g.tp_group)
+            tp.check_vocab_head(self.engine.module.lm, self.tp_layout, g.tp_group)
 
         self.reference = None
         if cfg.objective == "slm":
@@ -140,7 +158,7 @@ class Trainer:
             check_reference_tokenizer(cfg.reference.path, vocab, self.train_shards.fingerprint, cfg.data.train)
             self.reference = OnlineReference(cfg.reference.path, cfg.reference.placement, dtype=self.dtype,
                                              micro_batch_size=cfg.train.micro_batch_size, dp_size=g.dp_size,
-                                             mpu=mpu, tp_group=g.tp_group)
+                                             mpu=mpu, tp_group=g.tp_group, tp_size=g.tp_size)
 
         # Resume.
         self.step = 0
@@ -159,6 +177,8 @@ class Trainer:
             dump_config(cfg, self.run_dir / "config.yaml")
             write_json(self.run_dir / "run_info.json", self.run_info)
             write_json(self.run_dir / "ds_config.json", self.ds_config)
+            if g.tp_size > 1:
+                tp.write_layout(self.run_dir, self.tp_layout, g.tp_size)
             self.lm_config.save_pretrained(self.run_dir / "hf_config")
         self.monitor = Monitor(str(self.run_dir), cfg, self.is_main, self.step,
                                {**cfg.to_dict(), "run_info": self.run_info})
