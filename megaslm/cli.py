@@ -53,6 +53,12 @@ def cmd_submit(a) -> int:
     return submit.run(a)
 
 
+def cmd_score(a) -> int:
+    from megaslm import score
+
+    return score.run(a)
+
+
 def cmd_demo(a) -> int:
     from megaslm.demo import run_demo
 
@@ -111,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     sm.set_defaults(func=cmd_submit)
+
+    sc = sub.add_parser("score", help="score the training shards with the reference model into reference.cache "
+                        "(Rho-1 step 2, optional: SLM can also run the reference online)")
+    from megaslm import score
+
+    score.add_arguments(sc)
+    sc.set_defaults(func=cmd_score)
 
     de = sub.add_parser("demo", help="the Rho-1 experiment on CPU with text that ships on this machine")
     de.add_argument("--out", default="demo_run", help="output directory (default ./demo_run)")

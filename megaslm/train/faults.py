@@ -1,7 +1,8 @@
 """Fault injection for tests: MEGASLM_FAULT=<point>:<step> makes the process die at that point.
 
 Points: `crash_after_step` (an unhandled error once that optimizer step has run, before it is logged or saved) and
-`crash_in_save` (after DeepSpeed wrote that step's files, before the checkpoint is committed). The tests use it
+`crash_in_save` (after DeepSpeed wrote that step's files, before the checkpoint is committed), and
+`crash_in_score` (`megaslm score`: after that chunk's file is written). The tests use it
 to prove that a crash never corrupts the last good checkpoint and that resuming reproduces the uninterrupted run.
 """
 

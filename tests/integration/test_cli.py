@@ -28,7 +28,7 @@ def base(run_dir, data, **over):
 def test_help_lists_every_subcommand():
     res = run_cli("--help")
     assert res.returncode == 0
-    for sub in ("tokenizer", "prepare", "train", "export", "submit", "demo"):
+    for sub in ("tokenizer", "prepare", "train", "export", "submit", "score", "demo"):
         assert sub in res.stdout
 
 
