@@ -43,7 +43,7 @@ def consolidated_state_dict(ckpt_root: Path, tag: str, run_dir: Path | None = No
     if layout is None or layout["tp_size"] == 1:
         return _rank_state_dict(ckpt_root, tag)
     shards = consolidate_tp_checkpoint(ckpt_root, tag, layout["tp_size"], _rank_state_dict)
-    return merge_tp_shards(shards, layout["params"])
+    return merge_tp_shards(shards, layout)
 
 
 def find_tokenizer(run_dir: Path) -> str | None:

@@ -57,9 +57,6 @@ def check_model_config(hf_config, tp_size: int, what: str = "model") -> None:
     """The model must split into whole attention heads and non-empty vocabulary shards over `tp_size` ranks."""
     if tp_size <= 1:
         return
-    if getattr(hf_config, "tie_word_embeddings", False):
-        raise UserError(f"parallel.tensor={tp_size}: {what} ties its input embeddings to the LM head "
-                        "(tie_word_embeddings=true), which megaslm does not shard; use parallel.tensor=1")
     vocab = int(hf_config.vocab_size)
     if vocab < tp_size:
         raise UserError(f"parallel.tensor={tp_size} is larger than the vocabulary of {what} ({vocab} tokens)")
@@ -70,6 +67,17 @@ def check_model_config(hf_config, tp_size: int, what: str = "model") -> None:
     if kv % tp_size or (heads and heads % tp_size):
         raise UserError(f"parallel.tensor={tp_size} must divide the key-value head count of {what} "
                         f"(num_key_value_heads={kv}, num_attention_heads={heads}): every rank needs whole heads")
+
+
+def check_resume(run_dir: Path, has_checkpoint: bool, tp_size: int) -> None:
+    """A run resumes only with the tensor-parallel size its checkpoints were written with (per-rank shards)."""
+    info = Path(run_dir) / "run_info.json"
+    if not has_checkpoint or not info.is_file():
+        return
+    before = int(json.loads(info.read_text()).get("tp_size", 1))
+    if before != tp_size:
+        raise UserError(f"parallel.tensor={tp_size}, but the checkpoints in {run_dir} were written with "
+                        f"parallel.tensor={before}: resume with parallel.tensor={before} (or use a new run.dir)")
 
 
 def init_groups(tp_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
@@ -103,19 +111,27 @@ def full_param_shapes(hf_config) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def capture_layout(lm: nn.Module, hf_config, tp_group: dist.ProcessGroup) -> dict[str, dict]:
-    """{param name: {"dim": d, "sizes": [rows of rank 0, 1, ...]}} for every parameter AutoTP split.
+def capture_layout(lm: nn.Module, hf_config, tp_group: dist.ProcessGroup) -> dict:
+    """How AutoTP split `lm`: {"tp_size": T, "params": {name: {"dim": d, "sizes": [size on rank 0, 1, ...]}},
+    "tied": {alias: name}}.
 
     Compares this rank's parameter shapes with the unsharded model's and all-gathers the local sizes of the
-    split dimension over the tensor-parallel group. Collective: every rank of the group calls it.
-    Replicated parameters are left out. Raises if a parameter is split in more than one dimension or if the
-    pieces do not add up to the full size.
+    split dimension over the tensor-parallel group. Collective: every rank of the group calls it. Replicated
+    parameters are not listed in "params"; "tied" names the second name of a shared parameter (a tied LM head).
+    Raises if a parameter is split in more than one dimension or if the pieces do not add up to the full size.
     """
     full = full_param_shapes(hf_config)
     local = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in lm.named_parameters()}
     if set(local) != set(full):
         raise RuntimeError(f"tensor parallel: parameter names changed under AutoTP: "
                            f"{sorted(set(local) ^ set(full))[:5]}")
+    first: dict[int, str] = {}
+    tied = {}
+    for n, p in lm.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[n] = first[id(p)]
+        else:
+            first[id(p)] = n
     names = sorted(full)
     dims, sizes = [], []
     for n in names:
@@ -129,7 +145,7 @@ def capture_layout(lm: nn.Module, hf_config, tp_group: dist.ProcessGroup) -> dic
     world = dist.get_world_size(tp_group)
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=tp_group)
-    layout = {}
+    params = {}
     for i, n in enumerate(names):
         split_dims = {int(g[0, i]) for g in gathered} - {-1}
         if not split_dims:
@@ -140,31 +156,34 @@ def capture_layout(lm: nn.Module, hf_config, tp_group: dist.ProcessGroup) -> dic
         per_rank = [int(g[1, i]) if int(g[0, i]) == d else full[n][d] for g in gathered]
         if sum(per_rank) != full[n][d]:
             raise RuntimeError(f"tensor parallel: the pieces {per_rank} of {n} do not add up to {full[n][d]}")
-        layout[n] = {"dim": d, "sizes": per_rank}
-    return layout
+        params[n] = {"dim": d, "sizes": per_rank}
+    return {"tp_size": world, "params": params, "tied": tied}
 
 
 def check_vocab_head(lm: nn.Module, layout: dict, tp_group: dist.ProcessGroup) -> None:
-    """DeepSpeed's vocab range of the head must be the contiguous one per_token_ce derives from row counts."""
+    """The head's weight must be split by vocabulary rows, and DeepSpeed's vocab range must be the contiguous one
+    per_token_ce derives from the row counts."""
     head = lm.get_output_embeddings()
     name = next((n for n, p in lm.named_parameters() if p is head.weight), None)
-    if name not in layout or layout[name]["dim"] != 0:
+    spec = layout["params"].get(name)
+    if spec is None or spec["dim"] != 0:
         raise RuntimeError("tensor parallel: the LM head's weight is not split by vocabulary rows")
-    want = sum(layout[name]["sizes"][: dist.get_rank(tp_group)])
+    want = sum(spec["sizes"][: dist.get_rank(tp_group)])
     start = getattr(head, "vocab_start_index", want)
     if start != want:
         raise RuntimeError(f"tensor parallel: LM head vocab_start_index {start} is not the contiguous offset {want}")
 
 
-def write_layout(run_dir: Path, layout: dict, tp_size: int) -> None:
+def write_layout(run_dir: Path, layout: dict) -> None:
+    """RUN_DIR/tp_layout.json: the record capture_layout returned."""
     path = Path(run_dir) / LAYOUT_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"tp_size": tp_size, "params": layout}, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(layout, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 
 def read_layout(run_dir: Path) -> dict | None:
-    """{"tp_size": T, "params": {...}} as the trainer wrote it, or None for a run without tensor parallelism."""
+    """The record capture_layout returned, as the trainer wrote it, or None for a run without tensor parallelism."""
     path = Path(run_dir) / LAYOUT_FILE
     if not path.is_file():
         return None
@@ -175,7 +194,7 @@ def shard(full: dict[str, torch.Tensor], layout: dict, rank: int) -> dict[str, t
     """Rank `rank`'s pieces of a full state dict (the inverse of merge_tp_shards)."""
     out = {}
     for n, t in full.items():
-        spec = layout.get(n)
+        spec = layout["params"].get(layout.get("tied", {}).get(n, n))
         if spec is None:
             out[n] = t
         else:
@@ -186,12 +205,16 @@ def shard(full: dict[str, torch.Tensor], layout: dict, rank: int) -> dict[str, t
 def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict) -> dict[str, torch.Tensor]:
     """One full state dict from the state dicts of tensor-parallel ranks 0..T-1.
 
-    Split parameters are concatenated along their recorded dimension (checking each piece's size); every other
-    entry is taken from rank 0 after checking that all ranks hold the same values (replicated parameters get
-    identical updates, so a difference means the shards do not belong together).
+    `layout` is capture_layout's record. Split parameters are concatenated along their recorded dimension
+    (checking each piece's size); every other entry is taken from rank 0 after checking that all ranks hold the
+    same values (replicated parameters get identical updates, so a difference means the shards do not belong
+    together). A tied name gets the merged tensor of the name it is tied to.
     """
     if not shards:
         raise ValueError("merge_tp_shards: no shards")
+    tied = layout.get("tied", {})
+    # DeepSpeed does not record a tied alias consistently on every rank: drop aliases, put them back at the end.
+    shards = [{n: t for n, t in sd.items() if n not in tied} for sd in shards]
     names = set(shards[0])
     for r, sd in enumerate(shards[1:], 1):
         if set(sd) != names:
@@ -199,7 +222,7 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict) -> dict
                              f"{sorted(set(sd) ^ names)[:5]}")
     out = {}
     for n in shards[0]:
-        spec = layout.get(n)
+        spec = layout["params"].get(n)
         if spec is None:
             base = shards[0][n]
             for r, sd in enumerate(shards[1:], 1):
@@ -216,6 +239,9 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict) -> dict
                 raise ValueError(f"merge_tp_shards: {n} on rank {r} has {sd[n].shape[d]} along dim {d}, "
                                  f"layout says {sizes[r]}")
         out[n] = torch.cat([sd[n] for sd in shards], dim=d)
+    for alias, target in tied.items():
+        if target in out:
+            out[alias] = out[target]
     return out
 
 

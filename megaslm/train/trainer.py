@@ -108,6 +108,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.run.dir).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
+        tp.check_resume(self.run_dir, checkpoint.latest_tag(self.ckpt_root) is not None, cfg.parallel.tensor)
         if self.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -153,12 +154,12 @@ class Trainer:
 
         self.reference = None
         if cfg.objective == "slm":
-            from megaslm.reference import OnlineReference, check_reference_tokenizer
+            from megaslm.reference import make_reference
 
-            check_reference_tokenizer(cfg.reference.path, vocab, self.train_shards.fingerprint, cfg.data.train)
-            self.reference = OnlineReference(cfg.reference.path, cfg.reference.placement, dtype=self.dtype,
-                                             micro_batch_size=cfg.train.micro_batch_size, dp_size=g.dp_size,
-                                             mpu=mpu, tp_group=g.tp_group, tp_size=g.tp_size)
+            # Online (a second engine in these processes) or cached on disk by `megaslm score`: one interface.
+            self.reference = make_reference(cfg, shards=self.train_shards, vocab_size=vocab, dtype=self.dtype,
+                                            micro_batch_size=cfg.train.micro_batch_size, dp_size=g.dp_size,
+                                            mpu=mpu, tp_group=g.tp_group, tp_size=g.tp_size)
 
         # Resume.
         self.step = 0
@@ -178,7 +179,9 @@ class Trainer:
             write_json(self.run_dir / "run_info.json", self.run_info)
             write_json(self.run_dir / "ds_config.json", self.ds_config)
             if g.tp_size > 1:
-                tp.write_layout(self.run_dir, self.tp_layout, g.tp_size)
+                tp.write_layout(self.run_dir, self.tp_layout)
+            else:  # a stale layout would make export split a T = 1 checkpoint
+                (self.run_dir / tp.LAYOUT_FILE).unlink(missing_ok=True)
             self.lm_config.save_pretrained(self.run_dir / "hf_config")
         self.monitor = Monitor(str(self.run_dir), cfg, self.is_main, self.step,
                                {**cfg.to_dict(), "run_info": self.run_info})
@@ -196,7 +199,9 @@ class Trainer:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         token_loss = self.engine(input_ids, labels)
-        ref_loss = self.reference.losses(input_ids, labels) if self.reference is not None else None
+        ref_loss = None
+        if self.reference is not None:
+            ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"]})
         source = batch.get("source")
         loss, stats = compute_objective(
             token_loss, ref_loss, labels != -100, objective=self.cfg.objective, ratio=self.cfg.slm.ratio,

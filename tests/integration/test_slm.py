@@ -64,6 +64,19 @@ def test_slm_global_selection_is_exact_across_data_parallel_ranks(tmp_path, tiny
         assert r["selected_tokens_per_s"] > 0
     assert json.loads((two / "run_info.json").read_text())["reference_placement"] == "replicated"
 
+    # Rho-1 step 2 as its own job: score the corpus once, then train from the cache: the same run, step for step.
+    cache = tmp_path / "ref_cache"
+    cfg = slm_config(tmp_path / "cached", tiny_data, ref, mb=2)
+    cfg["reference"]["cache"] = str(cache)
+    cfg_path = write_config(tmp_path / "cached.yaml", cfg)
+    run_cli("score", str(cfg_path), nproc=2, check=True)
+    assert (cache / "meta.json").is_file()
+    run_cli("train", str(cfg_path), nproc=2, check=True)
+    assert json.loads((tmp_path / "cached" / "run_info.json").read_text())["reference_placement"] == "cache"
+    for ra, rc in zip(a, read_metrics(tmp_path / "cached")):
+        for key in ("loss", "ref_loss", "threshold", "n_selected", "loss_unselected"):
+            assert rc[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+
 
 def test_slm_zero3_with_partitioned_reference(tmp_path, tiny_data, reference_dir):
     run = tmp_path / "z3"
