@@ -19,26 +19,7 @@ import subprocess
 import sys
 import time
 
-MIB = 2**20
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so setup temporaries do not count."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from _memory import MIB, peak_bytes, reset_peak, rss_bytes  # bench/ is on sys.path when run as a script
 
 
 def _child_env() -> dict:
@@ -70,12 +51,12 @@ def child(variant: str, tokens: int, hidden_size: int, vocab: int, threads: int)
 
     # Warm up on a tiny slice so that kernels, thread pools and the autograd engine are not counted.
     step(hidden[:4].detach().requires_grad_(), weight[:64].detach().requires_grad_(), labels[:4] % 64, grad_out[:4])
-    _reset_peak()
-    base = _rss_bytes()
+    reset_peak()
+    base = rss_bytes()
     start = time.perf_counter()
     loss = step(hidden, weight, labels, grad_out)
     elapsed = time.perf_counter() - start
-    peak = _peak_bytes()
+    peak = peak_bytes()
     return {"peak_extra_mib": (peak - base) / MIB, "time_s": elapsed, "loss_mean": loss.mean().item()}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 
@@ -25,26 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-MIB = 2**20
+from megaslm.parallel.dist import free_port
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so setup temporaries do not count."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from _memory import MIB, peak_bytes, reset_peak, rss_bytes  # bench/ is on sys.path when run as a script
 
 
 def _worker(rank, world, port, args, out_path):
@@ -85,8 +67,8 @@ def _worker(rank, world, port, args, out_path):
             phase[0] = "fwd"
         shard.grad = hidden.grad = None
         dist.barrier()
-        _reset_peak()
-        base = _rss_bytes()
+        reset_peak()
+        base = rss_bytes()
         start = time.perf_counter()
         loss = per_token_ce(hidden, shard, labels, chunk_size=chunk, tp_group=group)
         fwd_s = min(fwd_s, time.perf_counter() - start)
@@ -96,7 +78,7 @@ def _worker(rank, world, port, args, out_path):
         del loss
         if counting:
             dist.all_reduce = real_all_reduce
-            peak = _peak_bytes()
+            peak = peak_bytes()
     row = {"rank": rank, "rows": shard.shape[0], "peak_extra_mib": (peak - base) / MIB, "fwd_s": fwd_s,
            "total_s": total_s, **payload}
     rows = [None] * world
@@ -105,12 +87,6 @@ def _worker(rank, world, port, args, out_path):
         with open(out_path, "w") as f:
             json.dump(rows, f)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -132,7 +108,7 @@ def main() -> None:
     print("-" * len(head))
     for world in args.tp:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            mp.start_processes(_worker, args=(world, _free_port(), args, tmp.name), nprocs=world,
+            mp.start_processes(_worker, args=(world, free_port(), args, tmp.name), nprocs=world,
                                start_method="spawn")
             with open(tmp.name) as f:
                 rows = json.load(f)

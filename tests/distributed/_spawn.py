@@ -10,17 +10,12 @@ caller with that worker's traceback; a worker that does not finish within `timeo
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megaslm.parallel.dist import free_port
 
 
 def _entry(rank, fn, world_size, port, threads, args):
