@@ -71,10 +71,15 @@ def _package_files(package: str) -> list[str]:
 
 
 def _budgeted(docs: Iterable[dict], max_bytes: int) -> Iterator[dict]:
-    total = 0
+    """The distinct documents of at least MIN_DOC_CHARS characters, in order, until about max_bytes of text."""
+    total, seen = 0, set()
     for doc in docs:
         if total >= max_bytes:
             return
+        key = hashlib.sha1(doc["text"].encode("utf-8")).digest()
+        if len(doc["text"]) < MIN_DOC_CHARS or key in seen:
+            continue
+        seen.add(key)
         total += len(doc["text"].encode("utf-8"))
         yield doc
 
@@ -88,16 +93,10 @@ def clean_documents(max_bytes: int, seed: int = 0) -> Iterator[dict]:
     order = np.random.default_rng(seed).permutation(len(files))
 
     def gen() -> Iterator[dict]:
-        seen = set()
         for i in order:
             pkg, path = files[i]
             for doc in _docstrings(path):
-                text = _normalize(doc)
-                key = hashlib.sha1(text.encode("utf-8")).digest()
-                if len(text) < MIN_DOC_CHARS or key in seen:
-                    continue
-                seen.add(key)
-                yield {"text": text, "source": pkg}
+                yield {"text": _normalize(doc), "source": pkg}
 
     return _budgeted(gen(), max_bytes)
 
@@ -152,15 +151,9 @@ def noisy_documents(max_bytes: int, seed: int = 0) -> Iterator[dict]:
     order = np.random.default_rng(seed).permutation(len(files))
 
     def gen() -> Iterator[dict]:
-        seen = set()
         for i in order:
             kind, path = files[i]
-            text = _read_head(path, MAX_NOISY_DOC_BYTES).strip()
-            key = hashlib.sha1(text.encode("utf-8")).digest()
-            if len(text) < MIN_DOC_CHARS or key in seen:
-                continue
-            seen.add(key)
-            yield {"text": text, "source": kind}
+            yield {"text": _read_head(path, MAX_NOISY_DOC_BYTES).strip(), "source": kind}
 
     return _budgeted(gen(), max_bytes)
 
