@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from megaslm.atomic import write_text
 from megaslm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -289,7 +290,4 @@ def resolve_path(path: str) -> Path:
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -21,9 +21,9 @@ import io
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 
+from megaslm.atomic import write_bytes
 from megaslm.data.readers import expand_inputs, iter_text_batches
 from megaslm.errors import UserError
 
@@ -40,21 +40,6 @@ def _sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Tokenizer:
@@ -135,7 +120,7 @@ class SentencePieceTokenizer(Tokenizer):
         hf = PreTrainedTokenizerFast(tokenizer_object=_hf_backend(proto), split_special_tokens=True,
                                      clean_up_tokenization_spaces=False, model_max_length=int(1e30), **specials)
         hf.save_pretrained(out_dir)
-        _atomic_write(os.path.join(out_dir, MODEL_FILE), self._data)
+        write_bytes(os.path.join(out_dir, MODEL_FILE), self._data)
         return out_dir
 
 
@@ -277,7 +262,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out_dir: str, text_field
     if not model.getvalue():
         raise UserError(f"sentencepiece produced no model from {', '.join(inputs)} (is the text empty?)")
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, MODEL_FILE), model.getvalue())
+    write_bytes(os.path.join(out_dir, MODEL_FILE), model.getvalue())
     return out_dir
 
 

@@ -8,7 +8,6 @@ are never materialised. Under ZeRO-3 the model is created partitioned: never who
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -101,9 +100,3 @@ def model_summary(lm: nn.Module) -> dict:
     c = lm.config
     return {"params": count_params(lm), "layers": c.num_hidden_layers, "hidden": c.hidden_size,
             "vocab_size": c.vocab_size, "arch": type(lm).__name__}
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)

@@ -20,7 +20,6 @@ pieces back together into the ordinary Hugging Face layout.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megaslm.atomic import write_json
 from megaslm.errors import UserError
 
 LAYOUT_FILE = "tp_layout.json"
@@ -176,10 +176,7 @@ def check_vocab_head(lm: nn.Module, layout: dict, tp_group: dist.ProcessGroup) -
 
 def write_layout(run_dir: Path, layout: dict) -> None:
     """RUN_DIR/tp_layout.json: the record capture_layout returned."""
-    path = Path(run_dir) / LAYOUT_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(layout, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(Path(run_dir) / LAYOUT_FILE, layout, indent=1)
 
 
 def read_layout(run_dir: Path) -> dict | None:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaslm.atomic import write_text
 from megaslm.train.faults import maybe_fail
 
 POINTER = "latest_complete"
@@ -55,9 +55,7 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int) -> s
     maybe_fail("crash_in_save", step)
     dist.barrier()
     if rank == 0:
-        tmp = ckpt_root / f".{POINTER}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_root / POINTER)
+        write_text(ckpt_root / POINTER, tag)
         _prune(ckpt_root, keep, tag)
     dist.barrier()
     return tag

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megaslm.atomic import write_json
 from megaslm.config import Config, dump_config, resolve_path
 from megaslm.data.loader import PackedLoader
 from megaslm.data.shards import ShardSet, check_compatible
 from megaslm.errors import UserError
 from megaslm.loss.objective import compute_objective
-from megaslm.model.build import TokenLossModel, create_model, model_summary, write_json, zero_stage
+from megaslm.model.build import TokenLossModel, create_model, model_summary, zero_stage
 from megaslm.monitor import Monitor, device_peak_tflops, flops_per_token
 from megaslm.parallel import dist as mdist
 from megaslm.parallel import tensor as tp
@@ -40,15 +41,20 @@ def training_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def build_ds_config(cfg: Config, dp_size: int, dtype: torch.dtype) -> dict:
-    """The JSON named by deepspeed.config, with batch sizes, precision, clipping and optimizer from the YAML."""
+def load_ds_json(cfg: Config) -> dict:
+    """The JSON file named by deepspeed.config, as written."""
     path = resolve_path(cfg.deepspeed.config)
     if not path.is_file():
         raise UserError(f"deepspeed.config: file not found: {cfg.deepspeed.config}")
     try:
-        ds = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"deepspeed.config {path}: not valid JSON: {e}") from None
+
+
+def build_ds_config(cfg: Config, base: dict, dp_size: int, dtype: torch.dtype) -> dict:
+    """`base` (the deepspeed.config JSON) with batch sizes, precision, clipping and optimizer from the YAML."""
+    ds = json.loads(json.dumps(base))  # a deep copy: the caller's dict stays as read
     t = cfg.train
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     ds["gradient_accumulation_steps"] = t.grad_accum
@@ -68,21 +74,13 @@ def build_ds_config(cfg: Config, dp_size: int, dtype: torch.dtype) -> dict:
     return ds
 
 
-def _config_zero_stage(cfg: Config) -> int:
-    path = resolve_path(cfg.deepspeed.config)
-    try:
-        return zero_stage(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError):
-        return 0  # build_ds_config reports the bad file
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; norms and biases are not decayed."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if getattr(p, "ds_shape", p.shape).__len__() >= 2 else no_decay).append(p)
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -101,7 +99,8 @@ class Trainer:
         mdist.init_distributed()
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        tp.check_parallel_setup(cfg.parallel.tensor, self.world, _config_zero_stage(cfg),
+        ds_base = load_ds_json(cfg)
+        tp.check_parallel_setup(cfg.parallel.tensor, self.world, zero_stage(ds_base),
                                 f"deepspeed.config {cfg.deepspeed.config}",
                                 "use a ZeRO-1 or ZeRO-2 config (e.g. ds_configs/zero2.json) or parallel.tensor=1")
         self.groups = ParallelGroups(cfg.parallel.tensor)
@@ -133,7 +132,7 @@ class Trainer:
 
         # Model and engine.
         mpu = g if g.tp_size > 1 else None
-        self.ds_config = build_ds_config(cfg, g.dp_size, self.dtype)
+        self.ds_config = build_ds_config(cfg, ds_base, g.dp_size, self.dtype)
         if g.tp_size > 1:
             self.ds_config["tensor_parallel"] = tp.autotp_section(g.tp_size)
         lm = create_model(preset=cfg.model.preset, init_from=cfg.model.init_from, vocab_size=vocab,
