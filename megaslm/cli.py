@@ -54,7 +54,7 @@ def cmd_submit(a) -> int:
 
 
 def cmd_score(a) -> int:
-    from megaslm import score
+    from megaslm.reference import score
 
     return score.run(a)
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("score", help="score the training shards with the reference model into reference.cache "
                         "(Rho-1 step 2, optional: SLM can also run the reference online)")
-    from megaslm import score
+    from megaslm.reference import score
 
     score.add_arguments(sc)
     sc.set_defaults(func=cmd_score)

@@ -83,15 +83,27 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
 
+WEIGHTINGS = ("topk", "soft")
+SLM_SCORES = ("excess", "loss")
+COMBINES = ("mean", "min")
+
+
 @dataclass
 class SLMConfig:
     ratio: float = 0.6  # keep this fraction of labelled tokens (paper: 0.6 at 1.1B, 0.7 at 7B)
     scope: str = "global"  # sequence | rank | global
+    weighting: str = "topk"  # topk: the paper's hard top-k mask | soft: sigmoid((score - t) / temperature)
+    temperature: float = 0.5  # of soft weighting, in nats of score; -> 0 gives top-k
+    score: str = "excess"  # excess: loss - reference loss (Rho-1) | loss: the model's own loss (no reference)
+    start_step: int = 0  # plain CLM for optimizer steps < start_step, SLM after
+    ratio_warmup_steps: int = 0  # after start_step the ratio goes linearly from 1.0 to `ratio` over these steps
 
 
 @dataclass
 class ReferenceConfig:
-    path: str | None = None  # local Hugging Face directory of the reference model
+    path: str | list[str] | None = None  # local Hugging Face directory of the reference model, or a list of them
+    combine: str = "mean"  # mean | min of the per-token losses of several references (reference.path a list)
+    ema_decay: float | None = None  # reference = EMA of the trained model (0 < d <= 1; 1: the initial model)
     placement: str = "auto"  # auto | replicated | zero3 | zero3_offload
     cache: str | None = None  # directory of reference losses written by `megaslm score` (used instead of the model)
 
@@ -126,6 +138,8 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, list) and any(typing.get_origin(a) is list for a in inner):
+            return _coerce(value, next(a for a in inner if typing.get_origin(a) is list), key, src)
         return _coerce(value, inner[0], key, src)
     if origin is list:
         if not isinstance(value, list):
@@ -246,13 +260,45 @@ def validate(cfg: Config, src: str = "config") -> Config:
     if cfg.reference.placement not in ("auto", "replicated", "zero3", "zero3_offload"):
         raise bad("reference.placement",
                   f"must be auto, replicated, zero3 or zero3_offload, got {cfg.reference.placement!r}")
-    if cfg.objective == "slm" and not (cfg.reference.path or cfg.reference.cache):
-        raise bad("reference.path", "is required when objective is slm (or reference.cache)")
+    _validate_slm(cfg, bad)
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise bad("wandb.mode", f"must be online, offline or disabled, got {cfg.wandb.mode!r}")
     if cfg.parallel.tensor < 1:
         raise bad("parallel.tensor", f"must be >= 1, got {cfg.parallel.tensor}")
     return cfg
+
+
+def reference_paths(cfg: Config) -> list[str]:
+    """reference.path as a list (empty when unset)."""
+    p = cfg.reference.path
+    return [] if not p else [p] if isinstance(p, str) else list(p)
+
+
+def _validate_slm(cfg: Config, bad) -> None:
+    s, r = cfg.slm, cfg.reference
+    choices = {"slm.weighting": (s.weighting, WEIGHTINGS), "slm.score": (s.score, SLM_SCORES),
+               "reference.combine": (r.combine, COMBINES)}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise bad(key, f"must be {' or '.join(allowed)}, got {value!r}")
+    if not s.temperature > 0:
+        raise bad("slm.temperature", f"must be > 0, got {s.temperature}")
+    for key in ("start_step", "ratio_warmup_steps"):
+        if getattr(s, key) < 0:
+            raise bad(f"slm.{key}", f"must be >= 0, got {getattr(s, key)}")
+    paths = reference_paths(cfg)
+    if r.ema_decay is not None:
+        if not 0 < r.ema_decay <= 1:
+            raise bad("reference.ema_decay", f"must be in (0, 1], got {r.ema_decay}")
+        if paths or r.cache:
+            raise bad("reference.ema_decay", "makes the reference an average of the trained model: drop "
+                      "reference.path and reference.cache, or drop reference.ema_decay")
+    if len(paths) > 1 and r.cache:
+        raise bad("reference.cache", f"holds the losses of one model but reference.path lists {len(paths)}: "
+                  "drop reference.cache to run the ensemble online")
+    if cfg.objective == "slm" and s.score == "excess" and not (paths or r.cache or r.ema_decay is not None):
+        raise bad("reference.path", "is required when objective is slm with slm.score excess (or reference.cache "
+                  "or reference.ema_decay)")
 
 
 def from_dict(data: dict, src: str = "config") -> Config:

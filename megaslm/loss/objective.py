@@ -1,14 +1,77 @@
-"""The training objective the trainer calls once per micro-step: plain CLM, or Rho-1 SLM on the excess loss."""
+"""The training objective the trainer calls once per micro-step: a token-weight function (megaslm/loss/weights.py)
+and one shared normalization, exact across data-parallel ranks and across gradient-accumulation micro-steps.
+
+Normalization. For weights w (clm: every labelled token, topk: the selected ones, soft: sigmoid weights) the
+step minimises sum(w_i * loss_i) / sum(w_i) over every token of the optimizer step: all data-parallel ranks and
+all `grad_accum` micro-steps. DeepSpeed divides each micro-step's loss by grad_accum and averages gradients over
+the dp ranks, so each rank's micro-step loss is scaled by dp_size * grad_accum / W_step; with W_step known before
+any forward (`plan_step`: one all-reduce of the label counts of the step's batches) the step's gradient equals the
+gradient of one big batch, also when micro-steps hold different numbers of labelled tokens (loss masks).
+Top-k's k is per micro-step (the selection is over the global micro-batch), so W_step = sum of the k's.
+Soft weights depend on the losses, so W_step is not known in advance: each micro-step is normalised by its own
+weight sum W_m and weighted by its share of the step's labelled tokens, n_m / N_step. That is the big-batch
+gradient whenever the mean weight per labelled token is the same in every micro-step, and token-weighted always.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .selection import SCOPES, check_ratio, select_with_quantiles
+from .metrics import Metrics
+from .selection import SCOPES, check_ratio
+from .weights import EXCESS_QUANTILES, NEEDS_REFERENCE, SCORES, WEIGHTINGS, global_mass, mass_from_counts
 
 OBJECTIVES = ("clm", "slm")
-EXCESS_QUANTILES = (0.1, 0.5, 0.9)
+__all__ = ["OBJECTIVES", "EXCESS_QUANTILES", "StepNorm", "plan_step", "compute_objective", "slm_ratio"]
+
+
+@dataclass(frozen=True)
+class StepNorm:
+    """How the micro-steps of one optimizer step are normalised; identical on every rank."""
+    micro_steps: int
+    n_valid: float  # labelled tokens of the whole step, all ranks
+    mass: float | None  # sum of the weights of the whole step, all ranks (None: not known before the forwards)
+
+
+def _group(dp_group):
+    if dp_group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return dp_group
+
+
+def plan_step(valids: list[torch.Tensor], *, weighting: str, ratio: float, scope: str,
+              dp_group: dist.ProcessGroup | None = None) -> StepNorm:
+    """The StepNorm of the micro-batches `valids` ([B, T] bool each, this rank's, in micro-step order).
+    One all-reduce for the whole step; every rank of dp_group must call it together."""
+    group = _group(dp_group)
+    local = []
+    for v in valids:
+        rows = v.bool().sum(dim=1)
+        m = mass_from_counts(weighting, ratio, scope, rows)
+        local += [float(rows.sum()), m if m is not None else 0.0]
+    sums = torch.tensor(local, dtype=torch.float64, device=valids[0].device)
+    if group is not None:
+        dist.all_reduce(sums, group=group)  # sync point: the step's normaliser is global
+    counts = sums.view(-1, 2).tolist()
+    masses = [global_mass(weighting, ratio, scope, int(n), m) for n, m in counts]
+    mass = None if any(m is None for m in masses) else float(sum(masses))
+    return StepNorm(len(valids), float(sum(n for n, _ in counts)), mass)
+
+
+def slm_ratio(ratio: float, step: int, start_step: int = 0, warmup_steps: int = 0) -> float | None:
+    """The selection ratio of optimizer step `step` (0-based: the step about to be taken), or None while the run
+    is still plain CLM (step < start_step). After the start the ratio goes linearly from 1.0 towards `ratio`,
+    reaching it at step start_step + warmup_steps - 1."""
+    if step < start_step:
+        return None
+    if warmup_steps <= 0:
+        return ratio
+    frac = min(1.0, (step - start_step + 1) / warmup_steps)
+    return 1.0 + (ratio - 1.0) * frac
 
 
 def compute_objective(
@@ -22,108 +85,140 @@ def compute_objective(
     dp_group: dist.ProcessGroup | None = None,
     source: torch.Tensor | None = None,
     num_sources: int = 0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    weighting: str = "topk",
+    score: str = "excess",
+    temperature: float = 1.0,
+    step: StepNorm | None = None,
+) -> tuple[torch.Tensor, Metrics]:
     """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank.
 
-    token_loss: [B, T] float32 per-token CE with grad (0 where not valid); ref_loss: [B, T] reference model's
-    per-token CE (no grad; None for "clm"); valid: [B, T] bool tokens that carry a label.
-    objective "clm": mean CE over every valid token of the global micro-batch (the union over dp_group);
-    "slm": mean CE over the tokens selected by excess = token_loss - ref_loss (top `ratio`, see selection.py).
-    dp_group: the data-parallel group (default: the world if torch.distributed is initialized); every rank of
-    it must call this together. source: optional [B, T] long source index of each token (indices outside
-    [0, num_sources) are not counted per source).
+    token_loss: [B, T] float32 per-token CE with grad (0 where not valid); ref_loss: [B, T] reference losses (no
+    grad; needed for objective "slm" with score "excess", else ignored); valid: [B, T] bool labelled tokens.
+    objective "clm": every valid token, weight 1; "slm": `weighting` (topk | soft, see weights.py) of `score`
+    (excess | loss) with `ratio`, `scope` and (soft) `temperature`. dp_group: the data-parallel group (default:
+    the world when torch.distributed is initialized); every rank calls this together. step: the optimizer step's
+    StepNorm (default: this micro-step alone). source: optional [B, T] long source index of each token.
 
-    Metrics are identical on every rank and describe the global micro-batch: loss, loss_all, n_valid, and for
-    "slm" also loss_selected, loss_unselected (omitted when every valid token is selected), ref_loss,
-    selected_frac, threshold (excess of the k-th selected token; for the local scopes the lowest selected
-    excess of the group), excess_p10/p50/p90 (exact, numpy's "lower" quantiles), n_selected. Means over no
-    tokens are omitted rather than NaN. With `source`, tokens/<i> for every source and (slm) selected_frac/<i>
-    for the sources with tokens.
+    Metrics (a `Metrics`: identical on every rank, global micro-batch, each with its reduction): loss (weighted
+    mean CE), loss_all, n_valid; for "slm" also loss_selected, loss_unselected (omitted when every valid token is
+    selected), ref_loss (score excess), selected_frac, n_selected, threshold, excess_p10/p50/p90 (quantiles of the
+    score); for soft also effective_frac (sum w / n_valid) and weight_entropy (nats, of w / sum w). Means over no
+    tokens are omitted rather than NaN. With `source`: tokens/<i>, and (slm) selected_frac/<i>.
     """
+    name = _check(token_loss, ref_loss, valid, objective, ratio, scope, weighting, score, source)
+    group = _group(dp_group)
+    dp_size = dist.get_world_size(group) if group is not None else 1
+    valid = valid.bool()
+    scores = token_loss.detach().float()
+    if name != "clm":
+        scores = SCORES[score](scores, None if ref_loss is None else ref_loss.detach().float())
+    w = WEIGHTINGS[name](scores, valid, ratio, scope, temperature, group)
+
+    # where(), not a product: a NaN/inf on a zero-weight position must not reach the sum or its gradient.
+    live = valid & (w.weights > 0)
+    weighted_sum = torch.where(live, token_loss * w.weights, 0.0).sum()
+
+    sums, layout = _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_sources, group)
+    w_micro, n_micro = sums["w"], sums["n_valid"]
+    if step is None:
+        step = StepNorm(1, n_micro, w_micro if name != "soft" else None)
+    # DeepSpeed divides by grad_accum and averages over the dp ranks: undo both, then divide by the step's mass.
+    scale = dp_size * step.micro_steps
+    if step.mass is not None:
+        loss = weighted_sum * (scale / step.mass) if step.mass > 0 else weighted_sum * 0.0
+    elif w_micro > 0 and step.n_valid > 0:
+        loss = weighted_sum * (scale * n_micro / (w_micro * step.n_valid))
+    else:
+        loss = weighted_sum * 0.0
+    return loss, _metrics(sums, layout, w, name, objective, score, scope, group, num_sources)
+
+
+def _check(token_loss, ref_loss, valid, objective, ratio, scope, weighting, score, source) -> str:
+    """The weighting to apply ("clm" for objective clm); ValueError on bad arguments."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if token_loss.dim() != 2 or token_loss.shape != valid.shape:
         raise ValueError(f"token_loss {tuple(token_loss.shape)} and valid {tuple(valid.shape)} must both be [B, T]")
-    if objective == "slm":
-        check_ratio(ratio)
-        if scope not in SCOPES:
-            raise ValueError(f"selection scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        if ref_loss is None or ref_loss.shape != token_loss.shape:
-            raise ValueError("objective 'slm' needs ref_loss shaped like token_loss")
     if source is not None and source.shape != token_loss.shape:
         raise ValueError(f"source {tuple(source.shape)} must match token_loss {tuple(token_loss.shape)}")
-    if dp_group is None and dist.is_available() and dist.is_initialized():
-        dp_group = dist.group.WORLD
-    dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
-    valid = valid.bool()
-    per_source = source is not None and num_sources > 0
+    if objective == "clm":
+        return "clm"
+    check_ratio(ratio)
+    if scope not in SCOPES:
+        raise ValueError(f"selection scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if weighting not in WEIGHTINGS or weighting == "clm":
+        raise ValueError(f"weighting must be one of topk, soft, got {weighting!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if NEEDS_REFERENCE[score] and (ref_loss is None or ref_loss.shape != token_loss.shape):
+        raise ValueError(f"objective 'slm' with score {score!r} needs ref_loss shaped like token_loss")
+    return weighting
 
-    threshold, quantiles = None, []
-    if objective == "slm":
-        excess = token_loss.detach().float() - ref_loss.detach().float()
-        selected, threshold, quantiles = select_with_quantiles(
-            excess, valid, ratio, scope, EXCESS_QUANTILES, dp_group
-        )
-    else:
-        selected = valid
 
-    # where(), not a product: a NaN/inf on an unselected position must not reach the sum or its gradient.
-    loss_sum = torch.where(selected, token_loss, 0.0).sum()
-
-    # Every sum the metrics and the normalization need, in one all-reduce (float64: counts stay exact).
+def _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_sources, group):
+    """Every sum the metrics and the normalization need, in one all-reduce (float64: counts stay exact)."""
     loss_d = token_loss.detach().double()
-    parts = [
-        torch.where(selected, loss_d, 0.0).sum(),
-        selected.sum().double(),
-        torch.where(valid, loss_d, 0.0).sum(),
-        valid.sum().double(),
-    ]
-    if objective == "slm":
-        parts.append(torch.where(valid, ref_loss.detach().double(), 0.0).sum())
-    sums = torch.stack(parts)
-    if per_source:
+    wd, sel = w.weights.double(), w.selected
+    parts = {
+        "wl": torch.where(valid & (wd > 0), wd * loss_d, 0.0).sum(),
+        "w": wd.sum(),
+        "sel_loss": torch.where(sel, loss_d, 0.0).sum(),
+        "n_sel": sel.sum().double(),
+        "all_loss": torch.where(valid, loss_d, 0.0).sum(),
+        "n_valid": valid.sum().double(),
+    }
+    if name != "clm" and score == "excess":
+        parts["ref"] = torch.where(valid, ref_loss.detach().double(), 0.0).sum()
+    if name == "soft":
+        parts["wlogw"] = torch.where(wd > 0, wd * torch.log(wd.clamp_min(1e-300)), 0.0).sum()
+    layout = list(parts)
+    vec = torch.stack(list(parts.values()))
+    if source is not None and num_sources > 0:
         src = torch.where(valid & (source >= 0) & (source < num_sources), source, num_sources)
         src_valid = torch.bincount(src.reshape(-1), minlength=num_sources + 1)[:num_sources]
-        src_sel = torch.bincount(src[selected], minlength=num_sources + 1)[:num_sources]
-        sums = torch.cat([sums, src_valid.double(), src_sel.double()])
-    if dp_group is not None:
-        dist.all_reduce(sums, group=dp_group)
-    totals = sums.tolist()
-    sum_sel, n_sel, sum_all, n_valid = totals[0], int(totals[1]), totals[2], int(totals[3])
+        src_sel = torch.bincount(src[sel], minlength=num_sources + 1)[:num_sources]
+        vec = torch.cat([vec, src_valid.double(), src_sel.double()])
+    if group is not None:
+        dist.all_reduce(vec, group=group)  # sync point: normaliser and metrics are global
+    values = vec.tolist()  # sync point: the normaliser is a Python float
+    sums = dict(zip(layout, values))
+    sums["_sources"] = values[len(layout):]
+    return sums, layout
 
-    # DeepSpeed averages gradients over the data-parallel group (divides by dp_size). Scaling this rank's sum by
-    # dp_size / n_selected_global makes that average the gradient of the mean CE over the selected tokens of the
-    # concatenated global micro-batch: exactly what one rank would get on the whole batch.
-    loss = loss_sum * (dp_size / n_sel) if n_sel > 0 else loss_sum * 0.0
 
-    stats: dict[str, float] = {"n_valid": float(n_valid)}
-    if n_sel > 0:
-        stats["loss"] = sum_sel / n_sel
-    if n_valid > 0:
-        stats["loss_all"] = sum_all / n_valid
-    if objective == "slm":
-        stats["n_selected"] = float(n_sel)
-        if n_valid > 0:
-            stats["loss_selected"] = stats["loss"]
-            stats["ref_loss"] = totals[4] / n_valid
-            stats["selected_frac"] = n_sel / n_valid
-            if n_valid > n_sel:
-                stats["loss_unselected"] = (sum_all - sum_sel) / (n_valid - n_sel)
-            if scope != "global" and dp_group is not None:
-                # Local scopes have a threshold per row / rank: report the lowest selected excess of the group.
-                t = torch.tensor(threshold if bool(selected.any()) else float("inf"), dtype=torch.float64,
-                                 device=sums.device)
-                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dp_group)
-                threshold = t.item()
-            if n_sel > 0:
-                stats["threshold"] = threshold
-            for q, v in zip(EXCESS_QUANTILES, quantiles):
-                stats[f"excess_p{round(q * 100)}"] = v
-    if per_source:
-        base = len(parts)
-        for i in range(num_sources):
-            n_i, sel_i = totals[base + i], totals[base + num_sources + i]
-            stats[f"tokens/{i}"] = n_i
-            if objective == "slm" and n_i > 0:
-                stats[f"selected_frac/{i}"] = sel_i / n_i
-    return loss, stats
+def _metrics(sums, layout, w, name, objective, score, scope, group, num_sources) -> Metrics:
+    m = Metrics()
+    m.total("n_valid", sums["n_valid"])
+    m.ratio("loss", sums["wl"], sums["w"])
+    m.ratio("loss_all", sums["all_loss"], sums["n_valid"])
+    srcs = sums["_sources"]
+    for i in range(num_sources if srcs else 0):
+        m.total(f"tokens/{i}", srcs[i])
+    if objective != "slm":
+        return m
+    n_sel, n_valid = sums["n_sel"], sums["n_valid"]
+    m.total("n_selected", n_sel)
+    m.ratio("loss_selected", sums["sel_loss"], n_sel)
+    m.ratio("selected_frac", n_sel, n_valid)
+    m.ratio("loss_unselected", sums["all_loss"] - sums["sel_loss"], n_valid - n_sel)
+    if "ref" in sums:
+        m.ratio("ref_loss", sums["ref"], n_valid)
+    if name == "soft":
+        m.ratio("effective_frac", sums["w"], n_valid)
+        if sums["w"] > 0:  # entropy of p = w / W: log W - sum(w log w) / W
+            m.mean("weight_entropy", math.log(sums["w"]) - sums["wlogw"] / sums["w"])
+    threshold = w.threshold
+    if scope != "global" and group is not None:
+        # Local scopes have a threshold per row / rank: report the lowest selected score of the group.
+        t = torch.tensor(threshold if n_sel > 0 and threshold == threshold else math.inf, dtype=torch.float64,
+                         device=w.weights.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        threshold = t.item()
+    if n_sel > 0 and threshold is not None:
+        m.mean("threshold", threshold)
+    for q, v in zip(EXCESS_QUANTILES, w.quantiles):
+        if v == v:
+            m.mean(f"excess_p{round(q * 100)}", v)
+    for i in range(num_sources if srcs else 0):
+        m.ratio(f"selected_frac/{i}", srcs[num_sources + i], srcs[i])
+    return m

@@ -22,25 +22,19 @@ from megaslm.config import Config, dump_config, resolve_path
 from megaslm.data.loader import PackedLoader
 from megaslm.data.shards import ShardSet, check_compatible
 from megaslm.errors import UserError
-from megaslm.loss.objective import compute_objective
+from megaslm.loss.metrics import Metrics
+from megaslm.loss.objective import compute_objective, plan_step, slm_ratio
 from megaslm.model.build import TokenLossModel, create_model, model_summary, zero_stage
 from megaslm.monitor import Monitor, device_peak_tflops, flops_per_token
 from megaslm.parallel import dist as mdist
 from megaslm.parallel import tensor as tp
 from megaslm.parallel.groups import ParallelGroups
+from megaslm.precision import training_dtype
 from megaslm.train import checkpoint
 from megaslm.train.callbacks import Callback, callback_states, load_callback_states
 from megaslm.train.faults import maybe_fail
 from megaslm.train.preempt import Preemption
 from megaslm.train.schedule import make_scheduler
-
-
-def training_dtype(cfg: Config) -> torch.dtype:
-    if cfg.model.dtype == "fp32":
-        return torch.float32
-    if cfg.model.dtype == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def load_ds_json(cfg: Config) -> dict:
@@ -156,16 +150,18 @@ def build_model(cfg: Config, data: Data, groups: ParallelGroups, ds_base: dict, 
     return Model(engine, scheduler, ds_config, lm.config, summary, layout)
 
 
-def build_reference(cfg: Config, data: Data, groups: ParallelGroups, dtype: torch.dtype):
-    """The SLM reference (online engine or on-disk cache, one interface), or None for objectives without one."""
-    if cfg.objective != "slm":
-        return None
-    from megaslm.reference import make_reference
+def build_reference(cfg: Config, data: Data, groups: ParallelGroups, dtype: torch.dtype, model: Model):
+    """The SLM reference (megaslm.reference: cache, online engine, ensemble or EMA of `model`; one interface), or
+    None when the objective needs none (CLM, `slm.score: loss`)."""
+    from megaslm.reference import make_reference, needs_reference
 
+    if not needs_reference(cfg):
+        return None
     return make_reference(cfg, shards=data.train, vocab_size=data.vocab, dtype=dtype,
                           micro_batch_size=cfg.train.micro_batch_size, dp_size=groups.dp_size,
                           mpu=groups if groups.tp_size > 1 else None, tp_group=groups.tp_group,
-                          tp_size=groups.tp_size)
+                          tp_size=groups.tp_size, trained_lm=model.engine.module.lm,
+                          zero_stage=zero_stage(model.ds_config))
 
 
 def write_run_files(run_dir: Path, cfg: Config, run_info: dict, model: Model) -> None:
@@ -211,8 +207,10 @@ class Trainer:
         self.model = build_model(cfg, self.data, g, ds_base, self.dtype)
         self.engine, self.scheduler = self.model.engine, self.model.scheduler
         self.ds_config, self.lm_config, self.summary = self.model.ds_config, self.model.hf_config, self.model.summary
-        self.reference = build_reference(cfg, self.data, g, self.dtype)
+        self.reference = build_reference(cfg, self.data, g, self.dtype, self.model)
         self.callbacks: list[Callback] = list(callbacks or [])
+        if isinstance(self.reference, Callback):  # an EMA reference updates after each step, saved with the run
+            self.callbacks.append(self.reference)
 
         # Resume.
         self.step = 0
@@ -242,18 +240,27 @@ class Trainer:
         self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops()
 
     # ------------------------------------------------------------------ one optimizer step
-    def _micro_step(self, batch: dict) -> dict:
+    def _objective_now(self) -> tuple[str, float]:
+        """(objective, ratio) of the step about to be taken: CLM before slm.start_step, then the ratio schedule."""
+        if self.cfg.objective != "slm":
+            return "clm", 1.0
+        s = self.cfg.slm
+        ratio = slm_ratio(s.ratio, self.step, s.start_step, s.ratio_warmup_steps)
+        return ("clm", 1.0) if ratio is None else ("slm", ratio)
+
+    def _micro_step(self, batch: dict, objective: str, ratio: float, norm) -> Metrics:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         token_loss = self.engine(input_ids, labels)
         ref_loss = None
-        if self.reference is not None:
+        if self.reference is not None and objective == "slm":
             ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"]})
         source = batch.get("source")
+        s = self.cfg.slm
         loss, stats = compute_objective(
-            token_loss, ref_loss, labels != -100, objective=self.cfg.objective, ratio=self.cfg.slm.ratio,
-            scope=self.cfg.slm.scope, dp_group=self.groups.dp_group,
-            source=source.to(self.device) if source is not None else None,
+            token_loss, ref_loss, labels != -100, objective=objective, ratio=ratio, scope=s.scope,
+            dp_group=self.groups.dp_group, weighting=s.weighting, score=s.score, temperature=s.temperature,
+            step=norm, source=source.to(self.device) if source is not None else None,
             num_sources=len(self.train_shards.sources) if source is not None else 0)
         self.engine.backward(loss)
         self.engine.step()
@@ -264,12 +271,21 @@ class Trainer:
         for cb in self.callbacks:
             cb.pre_step(self)
         t0 = time.time()
-        per_micro = [self._micro_step(self.loader.next_batch()) for _ in range(self.cfg.train.grad_accum)]
+        # The step's batches first: their label counts fix the step's normaliser (one all-reduce) before any
+        # forward, so micro-steps with different numbers of labelled tokens weigh by tokens.
+        batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        objective, ratio = self._objective_now()
+        norm = plan_step([b["labels"].to(self.device) != -100 for b in batches],
+                         weighting=self.cfg.slm.weighting if objective == "slm" else "clm", ratio=ratio,
+                         scope=self.cfg.slm.scope, dp_group=self.groups.dp_group)
+        per_micro = [self._micro_step(b, objective, ratio, norm) for b in batches]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.time() - t0
         self.step += 1
-        rec = _average_stats(per_micro)
+        rec = dict(Metrics.combine(per_micro))
+        if self.cfg.objective == "slm":
+            rec["slm_ratio"] = ratio
         rec["step"] = self.step
         rec["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
         gn = self.engine.get_global_grad_norm()
@@ -352,26 +368,11 @@ class Trainer:
         self.monitor.close()
 
 
-def _average_stats(per_micro: list[dict]) -> dict:
-    """Mean of each figure over the micro-steps of one optimizer step; counts are summed."""
-    out: dict = {}
-    keys = {k for s in per_micro for k in s}
-    for k in sorted(keys):
-        vals = [s[k] for s in per_micro if s.get(k) is not None]
-        if not vals:
-            continue
-        if k.startswith("n_") or k.startswith("tokens/"):
-            out[k] = float(sum(vals))
-        else:
-            out[k] = float(sum(vals) / len(vals))
-    return out
-
-
 def _console_line(rec: dict, total: int) -> str:
     parts = [f"step {rec['step']}/{total}", f"loss {rec['loss']:.4f}"]
     if "loss_all" in rec and "selected_frac" in rec:
-        parts.append(f"loss_all {rec['loss_all']:.4f} ref {rec.get('ref_loss', float('nan')):.4f} "
-                     f"sel {rec['selected_frac']:.2f}")
+        ref = f" ref {rec['ref_loss']:.4f}" if "ref_loss" in rec else ""
+        parts.append(f"loss_all {rec['loss_all']:.4f}{ref} sel {rec['selected_frac']:.2f}")
     if rec.get("val_loss") is not None:
         parts.append(f"val_loss {rec['val_loss']:.4f}")
     parts.append(f"lr {rec['lr']:.2e}")

@@ -1,0 +1,57 @@
+"""Metrics that declare how they combine over the micro-steps of one optimizer step.
+
+Each figure is recorded with its reduction, so that combining micro-steps never guesses from a name:
+- ratio(name, num, den): sum of numerators / sum of denominators, divided once at the end (a loss is token-
+  weighted, selected_frac is selected over total); omitted when the summed denominator is 0 (no NaN);
+- total(name, value): summed (counts);
+- mean(name, value): plain mean over the micro-steps that recorded it (order statistics such as thresholds and
+  quantiles, which have no exact combination without the tokens).
+
+`Metrics` is a dict of the resolved values (what one micro-step reports) that also keeps its terms;
+`Metrics.combine([...])` merges micro-steps term by term.
+"""
+
+from __future__ import annotations
+
+RATIO, TOTAL, MEAN = "ratio", "total", "mean"
+
+
+class Metrics(dict):
+    def __init__(self):
+        super().__init__()
+        self.terms: dict[str, tuple[str, float, float]] = {}  # name -> (reduction, a, b)
+
+    def ratio(self, name: str, num: float, den: float) -> None:
+        self._add(name, RATIO, float(num), float(den))
+
+    def total(self, name: str, value: float) -> None:
+        self._add(name, TOTAL, float(value), 0.0)
+
+    def mean(self, name: str, value: float) -> None:
+        self._add(name, MEAN, float(value), 1.0)
+
+    def _add(self, name: str, kind: str, a: float, b: float) -> None:
+        old = self.terms.get(name)
+        if old is not None:
+            if old[0] != kind:
+                raise ValueError(f"metric {name!r} recorded as {old[0]} and as {kind}")
+            a, b = old[1] + a, old[2] + b
+        self.terms[name] = (kind, a, b)
+        self._resolve(name)
+
+    def _resolve(self, name: str) -> None:
+        kind, a, b = self.terms[name]
+        if kind == TOTAL:
+            self[name] = a
+        elif b > 0:
+            self[name] = a / b
+        else:
+            self.pop(name, None)
+
+    @classmethod
+    def combine(cls, parts: list["Metrics"]) -> "Metrics":
+        out = cls()
+        for p in parts:
+            for name, (kind, a, b) in p.terms.items():
+                out._add(name, kind, a, b)
+        return out
