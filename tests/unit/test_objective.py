@@ -122,3 +122,97 @@ def test_bad_arguments():
         compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope="node")
     with pytest.raises(ValueError, match="ref_loss"):
         compute_objective(token_loss, None, valid, objective="slm", ratio=0.5, scope="global")
+
+
+# ---------------------------------------------------------------------------------------------- weightings
+def test_soft_at_small_temperature_matches_topk():
+    """sigmoid((excess - t) / T) tends to the top-k mask; only the k-th token itself keeps weight 1/2."""
+    token_loss, ref_loss, valid, _ = _batch(6, rows=4, cols=16)
+    hard, hs = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.4, scope="global")
+    soft, ss = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.4, scope="global",
+                                 weighting="soft", temperature=1e-4)
+    k = hs["n_selected"]
+    # The k-th token's half weight moves the weighted mean by at most (max - min loss) / (2k - 1).
+    tol = (token_loss.max() - token_loss.min()).item() / (2 * k - 1)
+    assert abs(soft.item() - hard.item()) <= tol
+    assert ss["effective_frac"] == pytest.approx((k - 0.5) / ss["n_valid"], abs=1e-6)
+    assert ss["weight_entropy"] == pytest.approx(math.log(k), abs=0.05)
+    assert ss["threshold"] == hs["threshold"] and ss["n_selected"] == k
+
+
+def test_soft_weights_against_autograd():
+    token_loss, ref_loss, valid, _ = _batch(7)
+    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope="global",
+                                    weighting="soft", temperature=0.7)
+    excess = (token_loss.detach() - ref_loss)[valid]
+    k = math.ceil(0.5 * int(valid.sum()))
+    t = excess.sort(descending=True).values[k - 1]
+    w = torch.zeros_like(token_loss)
+    w[valid] = torch.sigmoid((excess - t) / 0.7)
+    expected = (w * token_loss).sum() / w.sum()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(_grad(loss, token_loss), _grad(expected, token_loss))
+    p = w[valid] / w.sum()
+    assert stats["weight_entropy"] == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)
+    assert stats["effective_frac"] == pytest.approx(w.sum().item() / valid.sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["sequence", "rank", "global"])
+def test_score_loss_selects_the_top_loss_tokens_without_a_reference(scope):
+    token_loss, _, valid, _ = _batch(8, rows=3, cols=10)
+    loss, stats = compute_objective(token_loss, None, valid, objective="slm", ratio=0.3, scope=scope,
+                                    score="loss")
+    tl = token_loss.detach()
+    chosen = torch.zeros_like(valid)
+    groups = [torch.arange(r * 10, r * 10 + 10) for r in range(3)] if scope == "sequence" else [torch.arange(30)]
+    for idx in groups:  # brute force: sort each group's valid tokens by loss (ties: lower index first)
+        cand = [int(i) for i in idx if valid.view(-1)[i]]
+        cand.sort(key=lambda i: (-tl.view(-1)[i].item(), i))
+        chosen.view(-1)[cand[:math.ceil(0.3 * len(cand))]] = True
+    torch.testing.assert_close(loss, token_loss[chosen].mean())
+    assert stats["n_selected"] == chosen.sum().item() and "ref_loss" not in stats
+
+
+def test_slm_ratio_schedule():
+    from megaslm.loss.objective import slm_ratio
+
+    assert [slm_ratio(0.6, s, 2) for s in range(4)] == [None, None, 0.6, 0.6]
+    got = [slm_ratio(0.6, s, 1, 4) for s in range(7)]
+    assert got[0] is None
+    assert got[1:] == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.6, 0.6])
+
+
+# ---------------------------------------------------------------------------------------------- one optimizer step
+def test_metrics_reduce_as_declared_over_micro_steps():
+    """selected_frac over two micro-steps is selected over total and loss is token-weighted, not a mean of means."""
+    from megaslm.loss.metrics import Metrics
+
+    token_loss, ref_loss, valid, source = _batch(9, rows=4, cols=8)
+    valid[:2, :6] = False  # the first micro-batch holds fewer labelled tokens
+    parts = [compute_objective(token_loss[r], ref_loss[r], valid[r], objective="slm", ratio=0.5, scope="sequence",
+                               source=source[r], num_sources=3)[1] for r in (slice(0, 2), slice(2, 4))]
+    rec = Metrics.combine(parts)
+    _, whole = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope="sequence",
+                                 source=source, num_sources=3)
+    for key in ("loss", "loss_all", "selected_frac", "ref_loss", "n_valid", "n_selected", "selected_frac/1",
+                "tokens/2", "loss_unselected"):
+        assert rec[key] == pytest.approx(whole[key], rel=1e-9), key
+    assert rec["selected_frac"] != pytest.approx((parts[0]["selected_frac"] + parts[1]["selected_frac"]) / 2)
+
+
+@pytest.mark.parametrize("objective", ["clm", "slm"])
+def test_step_normalization_is_token_weighted_over_micro_steps(objective):
+    """Gradient of the micro-step losses (DeepSpeed divides each by grad_accum) = gradient of one batch, for
+    micro-steps with different numbers of labelled tokens (sequence scope: the selection is per row either way)."""
+    from megaslm.loss.objective import plan_step
+
+    token_loss, ref_loss, valid, _ = _batch(10, rows=4, cols=8)
+    valid[0, :7] = False
+    halves = (slice(0, 2), slice(2, 4))
+    norm = plan_step([valid[h] for h in halves], weighting="topk" if objective == "slm" else "clm", ratio=0.5,
+                     scope="sequence")
+    total = sum(compute_objective(token_loss[h], ref_loss[h], valid[h], objective=objective, ratio=0.5,
+                                  scope="sequence", step=norm)[0] / 2 for h in halves)
+    whole, _ = compute_objective(token_loss, ref_loss, valid, objective=objective, ratio=0.5, scope="sequence")
+    torch.testing.assert_close(total, whole)
+    torch.testing.assert_close(_grad(total, token_loss), _grad(whole, token_loss))
