@@ -1,6 +1,7 @@
 """Loss head and Rho-1 objective: chunked / vocab-parallel per-token CE, token selection, the training loss."""
 
-from .objective import compute_objective
+from .metrics import Metrics
+from .objective import StepNorm, compute_objective, plan_step, slm_ratio
 from .per_token_ce import per_token_ce
 from .selection import (
     global_kth_largest,
@@ -11,11 +12,15 @@ from .selection import (
 )
 
 __all__ = [
+    "Metrics",
+    "StepNorm",
     "compute_objective",
     "global_kth_largest",
     "global_quantiles",
     "num_to_keep",
     "per_token_ce",
+    "plan_step",
     "select_tokens",
     "select_tokens_with_threshold",
+    "slm_ratio",
 ]

@@ -22,6 +22,7 @@ at most one chunk in memory (by default at most 2**24 tokens: 64 MiB of float32)
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -97,6 +98,16 @@ def chunk_rows(c: int, chunk_sequences: int, num_sequences: int) -> tuple[int, i
     """Sequence range [lo, hi) of chunk c."""
     lo = c * chunk_sequences
     return lo, min(num_sequences, lo + chunk_sequences)
+
+
+def cache_meta(*, seq_len: int, num_sequences: int, chunk_sequences: int, storage_dtype: str, compute_dtype: str,
+               shards, reference: dict, world_size: int) -> dict:
+    """The meta.json of a complete cache (see the module docstring)."""
+    return {"format_version": FORMAT_VERSION, "kind": KIND, "seq_len": seq_len, "num_sequences": num_sequences,
+            "chunk_sequences": chunk_sequences, "num_chunks": -(-num_sequences // chunk_sequences),
+            "storage_dtype": storage_dtype, "compute_dtype": compute_dtype, "shards": shards_identity(shards),
+            "reference": reference, "world_size": world_size,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def read_meta(cache_dir: str | os.PathLike, what: str = "reference.cache") -> dict:

@@ -20,7 +20,6 @@ is never loaded, so an interrupted score never leaves a cache that loads and nev
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import math
@@ -32,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from megaslm.errors import UserError
-from megaslm.reference.cache import (CHUNK_DIR, FORMAT_VERSION, JOB_FILE, KIND, MAX_CHUNK_TOKENS, META_FILE,
-                                     MIN_CHUNK_TOKENS, STORAGE_DTYPES, is_replaceable, swap_in, write_chunk,
+from megaslm.reference.cache import (CHUNK_DIR, JOB_FILE, MAX_CHUNK_TOKENS, META_FILE, MIN_CHUNK_TOKENS,
+                                     cache_meta, STORAGE_DTYPES, is_replaceable, swap_in, write_chunk,
                                      write_json_synced, chunk_file, chunk_rows, is_complete, model_fingerprint, read_meta,
                                      shards_identity)
 
@@ -235,13 +234,10 @@ def score(cfg, *, chunk_tokens: int | None = None, storage_dtype: str = "float32
             f = chunk_file(work, c)
             if not f.is_file() or f.stat().st_size != (hi - lo) * T * np_dtype.itemsize:
                 raise RuntimeError(f"chunk {f} is missing or has the wrong size after scoring")
-        meta = {"format_version": FORMAT_VERSION, "kind": KIND, "seq_len": T, "num_sequences": n_seq,
-                "chunk_sequences": C, "num_chunks": num_chunks, "storage_dtype": storage_dtype,
-                "compute_dtype": str(dtype).replace("torch.", ""), "shards": shards_identity(shards),
-                "reference": {"path": os.path.abspath(ref_path), "fingerprint": plan["model_fp"],
-                              "placement": reference.placement},
-                "world_size": world,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        meta = cache_meta(seq_len=T, num_sequences=n_seq, chunk_sequences=C, storage_dtype=storage_dtype,
+                          compute_dtype=str(dtype).replace("torch.", ""), shards=shards, world_size=world,
+                          reference={"path": os.path.abspath(ref_path), "fingerprint": plan["model_fp"],
+                                     "placement": reference.placement})
         (work / JOB_FILE).unlink(missing_ok=True)
         write_json_synced(work / META_FILE, meta)
         swap_in(work, out)

@@ -32,14 +32,14 @@ def _cli_has_score() -> bool:
 
 
 def score_cli(*args, nproc=None, env=None, check=False):
-    """`megaslm score ARGS` through the CLI once it has the subcommand, else `python -m megaslm.score ARGS`."""
+    """`megaslm score ARGS` through the CLI once it has the subcommand, else `python -m megaslm.reference.score ARGS`."""
     if _cli_has_score():
         return run_cli("score", *args, nproc=nproc, env=env, check=check)
     from megaslm.parallel.dist import free_port
 
     launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}"] if nproc else [sys.executable])
-    cmd = [*launch, "-m", "megaslm.score", *args]
+    cmd = [*launch, "-m", "megaslm.reference.score", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check and res.returncode != 0:
