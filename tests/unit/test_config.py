@@ -86,3 +86,32 @@ def test_resolved_config_round_trips(tmp_path):
 def test_ds_config_names_resolve_inside_the_checkout():
     assert resolve_path("ds_configs/zero3.json").is_file()
     assert resolve_path("zero3_offload").is_file()
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["slm.weighting=hard"], "slm.weighting must be topk or soft, got 'hard'"),
+    (["slm.score=surprise"], "slm.score must be excess or loss"),
+    (["reference.combine=max"], "reference.combine must be mean or min"),
+    (["slm.temperature=0"], "slm.temperature must be > 0"),
+    (["slm.start_step=-1"], "slm.start_step must be >= 0"),
+    (["slm.ratio_warmup_steps=-2"], "slm.ratio_warmup_steps must be >= 0"),
+    (["reference.ema_decay=0"], "reference.ema_decay must be in (0, 1]"),
+    (["reference.ema_decay=0.9", "reference.path=/r"], "drop reference.path and reference.cache"),
+    (["reference.path=[/a, /b]", "reference.cache=/c"], "reference.path lists 2"),
+])
+def test_objective_keys_are_validated(tmp_path, overrides, needle):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, MIN), overrides)
+    assert needle in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_objective_keys_parse(tmp_path):
+    from megaslm.config import reference_paths
+
+    cfg = load_config(write(tmp_path, MIN), ["objective=slm", "reference.path=[/a, /b]", "reference.combine=min",
+                                             "slm.weighting=soft", "slm.temperature=0.2"])
+    assert reference_paths(cfg) == ["/a", "/b"] and cfg.reference.combine == "min"
+    assert load_config(write(tmp_path, MIN), ["reference.path=/a"]).reference.path == "/a"
+    # No reference is needed to rank tokens by their own loss, or with an EMA self-reference.
+    assert load_config(write(tmp_path, MIN), ["objective=slm", "slm.score=loss"]).slm.score == "loss"
+    assert load_config(write(tmp_path, MIN), ["objective=slm", "reference.ema_decay=1"]).reference.ema_decay == 1.0
