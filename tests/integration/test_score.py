@@ -32,7 +32,10 @@ def _cli_has_score() -> bool:
 
 
 def score_cli(*args, nproc=None, env=None, check=False):
-    """`megaslm score ARGS` through the CLI once it has the subcommand, else `python -m megaslm.reference.score ARGS`."""
+    """`megaslm score ARGS` through the CLI once it has the subcommand, else `python -m megaslm.reference.score ARGS`.
+    float32 storage unless ARGS say otherwise: these tests compare the cache with full-logits losses exactly."""
+    if "--storage-dtype" not in args:
+        args = (*args, "--storage-dtype", "float32")
     if _cli_has_score():
         return run_cli("score", *args, nproc=nproc, env=env, check=check)
     from megaslm.parallel.dist import free_port
