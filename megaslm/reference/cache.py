@@ -1,8 +1,8 @@
 """The on-disk cache of reference losses (`megaslm score` writes it, `CachedReference` reads it).
 
 Cache format (format_version 1), a directory:
-- `chunks/00000000.bin`, `chunks/00000001.bin`, ...: little-endian float32 (or float16, `--storage-dtype`; float16 is the default
-  since the demo measurement in docs/objectives.md, float32 caches stay readable)).
+- `chunks/00000000.bin`, `chunks/00000001.bin`, ...: little-endian float16 (the default since the measurement in
+  docs/objectives.md) or float32 (`--storage-dtype`; older caches), as meta.json's storage_dtype says.
   The loader packs sequence i as tokens i*T .. i*T+T (T = seq_len), its labels being tokens i*T+1 .. i*T+T, so
   every label token belongs to exactly one sequence: the cache is exact for this seq_len. Chunk c holds sequences
   c*C .. min(n_seq, (c+1)*C) - 1 (C = `chunk_sequences`), one row of T values each: row i, column j is the
