@@ -117,8 +117,9 @@ def plot(rows: list[dict], selection: list[dict] | None, path: Path, title: str)
     ax.legend()
     if selection:
         bx = axes[0][1]
-        bx.bar([s["category"] for s in selection], [s["selected_frac"] for s in selection],
-               color=[colors[s["category"]] for s in selection])
+        bars = bx.bar([s["category"] for s in selection], [s["selected_frac"] for s in selection],
+                      color=[colors[s["category"]] for s in selection])
+        bx.bar_label(bars, labels=[f"{s['n_selected']}/{s['n_tokens']}" for s in selection])
         bx.set_ylim(0, 1)
         bx.set_ylabel("fraction selected at the last checkpoint")
         bx.set_title("what the reference makes SLM keep")

@@ -27,8 +27,8 @@ h1{font-size:22px}h2{font-size:18px;margin-top:28px}h3{font-size:15px;margin:0}
 .doc summary{cursor:pointer;font-size:13px;color:#333}
 .text{white-space:pre-wrap;word-wrap:break-word;overflow-wrap:anywhere;font-family:Menlo,Consolas,
 "DejaVu Sans Mono",monospace;font-size:13px;line-height:1.85;margin-top:8px;max-height:640px;overflow-y:auto}
-.t{border-radius:2px;padding:1px 0}
-.t.s{box-shadow:inset 0 -2.5px 0 #111}
+.t{border-radius:2px;padding:1px 0;box-shadow:inset -1px 0 0 #fff}
+.t.s{box-shadow:inset 0 -2.5px 0 #111,inset -1px 0 0 #fff}
 .t:not(.s){color:#555}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
@@ -45,17 +45,32 @@ class DocView:
     selected: np.ndarray | None
 
 
+LEVELS = 20  # colour steps on each side of zero
+
+
 def _diverging(v: float) -> str:
-    """v in [-1, 1] -> blue .. white .. red."""
+    """v in [-1, 1] -> blue .. white .. red (light enough at the ends for dark text)."""
     a = min(1.0, abs(v))
-    light = 97 - 47 * a
+    light = 97 - 40 * a
     hue = 0 if v > 0 else 215
     return f"hsl({hue},{int(25 + 60 * a)}%,{light:.0f}%)"
 
 
 def _sequential(v: float) -> str:
     a = min(1.0, max(0.0, v))
-    return f"hsl(28,{int(30 + 60 * a)}%,{97 - 45 * a:.0f}%)"
+    return f"hsl(28,{int(30 + 60 * a)}%,{97 - 40 * a:.0f}%)"
+
+
+def _color_css(signed: bool) -> str:
+    """Classes c0..c{2 LEVELS}: the bucket of a token's value (c{LEVELS} is zero on the diverging scale)."""
+    if signed:
+        return "".join(f".c{i}{{background:{_diverging((i - LEVELS) / LEVELS)}}}" for i in range(2 * LEVELS + 1))
+    return "".join(f".c{i}{{background:{_sequential(i / (2 * LEVELS))}}}" for i in range(2 * LEVELS + 1))
+
+
+def _bucket(v: float, signed: bool) -> int:
+    v = max(-1.0, min(1.0, v)) if signed else max(0.0, min(1.0, v))
+    return int(round(v * LEVELS)) + LEVELS if signed else int(round(v * 2 * LEVELS))
 
 
 def _scale(values: list[np.ndarray], signed: bool) -> float:
@@ -73,14 +88,14 @@ def _token_span(piece: str, loss: float, ref: float | None, sel: bool | None, sc
     tip = [f"{piece!r}", f"loss {loss:.3f}"]
     if ref is not None:
         tip += [f"ref_loss {ref:.3f}", f"excess {loss - ref:+.3f}"]
-        color = _diverging((loss - ref) / scale)
+        color = _bucket((loss - ref) / scale, True)
     else:
-        color = _sequential(loss / scale)
+        color = _bucket(loss / scale, False)
     if sel is not None:
         tip.append("selected" if sel else "not selected")
-    cls = "t s" if sel else "t"
-    return (f'<span class="{cls}" style="background:{color}" title="{html.escape(chr(10).join(tip))}">'
-            f"{html.escape(_shown(piece))}</span>")
+    cls = f"t s c{color}" if sel else f"t c{color}"
+    return f'<span class="{cls}" title="{html.escape(chr(10).join(tip))}">{html.escape(_shown(piece))}</span>'
+
 
 
 def _legend(scale: float, signed: bool, with_selection: bool) -> str:
@@ -108,20 +123,21 @@ def table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_page(title: str, notes: list[str], docs: list[DocView], tables: list[tuple[str, str]],
+def render_page(title: str, notes: list[str], docs: list[DocView], tables: list[tuple[str, str, bool]],
                 open_docs: int = 50) -> str:
-    """The whole page: title, notes, legend, summary tables (heading, html), then each document."""
+    """The whole page: title, notes, legend, summary tables (heading, html, shown open), then each document."""
     signed = any(d.ref is not None for d in docs)
     values = [(d.loss - d.ref) if d.ref is not None else d.loss for d in docs]
     scale = _scale(values, signed)
     with_sel = any(d.selected is not None for d in docs)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+             f"<title>{html.escape(title)}</title><style>{CSS}{_color_css(signed)}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     parts.append(_legend(scale, signed, with_sel))
-    for heading, tbl in tables:
-        parts.append(f"<h2>{html.escape(heading)}</h2>{tbl}")
+    for heading, tbl, is_open in tables:
+        parts.append(f'<details{" open" if is_open else ""}><summary><h2 style="display:inline">'
+                     f"{html.escape(heading)}</h2></summary>{tbl}</details>")
     parts.append("<h2>Documents</h2>")
     for i, d in enumerate(docs):
         spans = "".join(

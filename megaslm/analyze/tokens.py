@@ -91,8 +91,8 @@ def _tables(summary: dict) -> list[tuple[str, str]]:
     src_rows.append(["all", len(summary["documents"]), a["tokens"], a["selected"], *[a[c] for c in cols]])
     doc_rows = [[d["doc"], d["source"], d["tokens"], d["selected"], *[d[c] for c in cols]]
                 for d in summary["documents"]]
-    return [("Per source", page.table(["source", "documents", *heads], src_rows)),
-            ("Per document", page.table(["doc", "source", *heads], doc_rows))]
+    return [("Per source", page.table(["source", "documents", *heads], src_rows), True),
+            (f"Per document ({len(doc_rows)})", page.table(["doc", "source", *heads], doc_rows), len(doc_rows) <= 12)]
 
 
 def analyze_tokens(model: str, reference: str, data: list[str], out: str, *, text_field: str = "text",
