@@ -28,8 +28,8 @@ h1{font-size:22px}h2{font-size:18px;margin-top:28px}h3{font-size:15px;margin:0}
 .text{white-space:pre-wrap;word-wrap:break-word;overflow-wrap:anywhere;font-family:Menlo,Consolas,
 "DejaVu Sans Mono",monospace;font-size:13px;line-height:1.85;margin-top:8px;max-height:640px;overflow-y:auto}
 .t{border-radius:2px;padding:1px 0;box-shadow:inset -1px 0 0 #fff}
-.t.s{box-shadow:inset 0 -2.5px 0 #111,inset -1px 0 0 #fff}
-.t:not(.s){color:#555}
+.t.s,.m.s{box-shadow:inset 0 -2.5px 0 #111,inset -1px 0 0 #fff}
+.t:not(.s),.m:not(.s){color:#555}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}
@@ -107,8 +107,8 @@ def _legend(scale: float, signed: bool, with_selection: bool) -> str:
         stops = ",".join(_sequential(v) for v in np.linspace(0, 1, 9))
         ticks = ["0", f"{scale / 2:.2f}", f"{scale:.2f}"]
         what = "token loss (nats)"
-    sel = ('<span><span class="t s" style="background:#fff">selected</span> (underlined) &nbsp; '
-           '<span class="t" style="background:#fff">not selected</span> (grey text)</span>') if with_selection else ""
+    sel = ('<span><span class="m s">selected</span> (underlined) &nbsp; '
+           '<span class="m">not selected</span> (grey text)</span>') if with_selection else ""
     bar = (f'<div><div class="bar" style="background:linear-gradient(to right,{stops})"></div>'
            f'<div class="ticks">{"".join(f"<span>{t}</span>" for t in ticks)}</div></div>')
     return f'<div class="legend">{bar}<span>{what}; clipped at the 98th percentile</span>{sel}</div>'
