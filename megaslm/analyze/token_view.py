@@ -19,14 +19,18 @@ from megaslm.analyze.documents import pieces
 from megaslm.atomic import write_text
 from megaslm.data.loader import IGNORE_INDEX, PackedLoader
 from megaslm.loss import select_tokens
+from megaslm.train.callbacks import Callback
 
 MAX_SEQUENCES = 4
 
 
-class TokenView:
-    def __init__(self, trainer):
+class TokenView(Callback):
+    def __init__(self, every: int):
+        self.every = every
+        self.batch = None
+
+    def on_train_start(self, trainer) -> None:
         cfg = trainer.cfg
-        self.every = cfg.train.token_view_every
         shards = trainer.valid_shards or trainer.train_shards
         self.source = cfg.data.valid or cfg.data.train
         n = min(cfg.train.micro_batch_size, MAX_SEQUENCES)
@@ -39,6 +43,9 @@ class TokenView:
 
             self.tokenizer = run_tokenizer(trainer.run_dir)
         self.out_dir = trainer.run_dir / "token_view"
+
+    def post_step(self, trainer, rec: dict) -> None:
+        self.maybe_log(trainer, trainer.step)
 
     @torch.no_grad()
     def _losses(self, trainer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,7 +60,7 @@ class TokenView:
         return loss, ref
 
     def maybe_log(self, trainer, step: int) -> None:
-        """Call on every rank after each step; does the work every `every` steps."""
+        """On every rank after each step (post_step); does the work every `every` steps."""
         if not self.every or step % self.every:
             return
         loss, ref = self._losses(trainer)

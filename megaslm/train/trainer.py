@@ -240,11 +240,6 @@ class Trainer:
         if self.reference is not None:  # one extra forward of the reference: 2N per token
             self.flops_per_token += 2.0 * self.reference.n_params
         self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops()
-        self.token_view = None
-        if cfg.train.token_view_every:
-            from megaslm.analyze.token_view import TokenView
-
-            self.token_view = TokenView(self)
 
     # ------------------------------------------------------------------ one optimizer step
     def _micro_step(self, batch: dict) -> dict:
@@ -333,8 +328,6 @@ class Trainer:
                 rec["val_loss"] = self.evaluate()
             if self.step % t.log_every == 0 or last or "val_loss" in rec:
                 self.monitor.log(rec, _console_line(rec, t.steps))
-            if self.token_view is not None:
-                self.token_view.maybe_log(self, self.step)
             stop = torch.tensor([1.0 if self.preemption.requested() else 0.0], device=self.device)
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if (t.save_every and self.step % t.save_every == 0) or last or stop.item() > 0:
@@ -390,8 +383,18 @@ def _console_line(rec: dict, total: int) -> str:
     return " | ".join(parts)
 
 
+def config_callbacks(cfg: Config) -> list[Callback]:
+    """The callbacks the config asks for."""
+    callbacks: list[Callback] = []
+    if cfg.train.token_view_every:
+        from megaslm.analyze.token_view import TokenView
+
+        callbacks.append(TokenView(cfg.train.token_view_every))
+    return callbacks
+
+
 def train(cfg: Config) -> int:
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, config_callbacks(cfg))
     code = trainer.run()
     dist.barrier()
     return code
