@@ -177,6 +177,8 @@ def analyze_dynamics(run_dir: str, data: list[str], out: str, *, reference: str 
     plot(rows, selection, dest / "dynamics.png",
          f"{run.name}: {losses.shape[1]} held-out tokens, threshold {thr:.2f} nats")
     counts = {name: int((cats == k).sum()) for k, name in enumerate(CATEGORIES)}
+    if selection:  # JSON has no NaN: an empty category has no fraction
+        selection = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in selection]
     summary = {"run_dir": str(run), "steps": steps, "threshold": thr, "counts": counts, "selection": selection,
                "ratio": ratio if reference else None, "seconds": time.time() - t0}
     write_json(dest / "dynamics.json", summary)

@@ -40,10 +40,12 @@ def log_media(run_dir: Path | None, media: dict[str, Path]) -> bool:
         import wandb
 
         run = wandb.init(project=settings["project"], entity=settings["entity"], id=settings["id"], resume="allow",
-                         mode=settings["mode"], dir=str(run_dir))
+                         mode=settings["mode"], dir=str(run_dir), settings=wandb.Settings(silent=True))
         run.log({key: wandb.Html(Path(p).read_text(), inject=False) if str(p).endswith(".html")
                  else wandb.Image(str(p)) for key, p in media.items()})
         run.finish()
+        print(f"megaslm: logged {', '.join(media)} to wandb run {settings['id']} ({settings['mode']}, "
+              f"{run_dir / 'wandb'})", flush=True)
         return True
     except Exception as e:  # noqa: BLE001 - the files on disk are the result; wandb is a copy of them
         print(f"megaslm: logging to wandb failed ({type(e).__name__}: {e}); the files on disk are complete",
