@@ -239,9 +239,9 @@ def render(name: str, p: dict) -> str:
         f"{'' if p['fits'] else '  <-- does not fit'}",
         f"  model states (weights, grads, Adam)".ljust(46) + f"{_gib(mem['model_states'])}",
         f"  reference ({ref['placement'] if ref else 'none'})".ljust(46) + f"{_gib(mem['reference'])}",
-        f"  activations (checkpointing {'on' if p['activation_checkpointing'] else 'off'}, "
-        f"{p['micro_batch_tokens']} tokens)".ljust(46) + f"{_gib(mem['activations'])}   "
-        f"[off: {_gib(p['activations_bytes']['no_checkpointing'])}, on: {_gib(p['activations_bytes']['checkpointing'])}]",
+        f"  activations (checkpointing {'on' if p['activation_checkpointing'] else 'off'})".ljust(46)
+        + f"{_gib(mem['activations'])}   [{p['micro_batch_tokens']} tokens; checkpointing off "
+        f"{_gib(p['activations_bytes']['no_checkpointing'])}, on {_gib(p['activations_bytes']['checkpointing'])}]",
         f"  loss head ({p['loss_head_chunk_tokens']}-token chunks)".ljust(46) + f"{_gib(mem['loss_head'])}   "
         f"[full logits would be {_gib(p['full_logits_bytes'])}]",
         "  DeepSpeed buckets".ljust(46) + _gib(mem["buckets"]),
