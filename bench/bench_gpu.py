@@ -145,7 +145,10 @@ def worker(config: str, warmup: int, steps: int, result: str) -> None:
         from _memory import peak_bytes
 
         peak = peak_bytes()
-    med = lambda k: statistics.median(r[k] for r in recs) if all(r.get(k) is not None for r in recs) else None  # noqa: E731
+
+    def med(k):
+        return statistics.median(r[k] for r in recs) if all(r.get(k) is not None for r in recs) else None
+
     out = {"tokens_per_s": med("tokens_per_s"), "step_time": med("step_time"), "mfu": med("mfu"),
            "tflops_per_device": med("tflops_per_device"), "peak_bytes": peak, "cuda": cuda,
            "device": torch.cuda.get_device_name() if cuda else "cpu", "loss": recs[-1]["loss"],

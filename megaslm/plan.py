@@ -132,11 +132,10 @@ def _ds_json(cfg: Config) -> dict:
 
 
 def _buckets_bytes(zero: dict, stage: int, d: int) -> int:
-    get = lambda k: int(zero.get(k, DS_DEFAULT_BUCKETS[k]))  # noqa: E731
     if stage == 0:
         return 0
-    second = get("stage3_prefetch_bucket_size") if stage >= 3 else get("allgather_bucket_size")
-    return (get("reduce_bucket_size") + second) * d
+    second = "stage3_prefetch_bucket_size" if stage >= 3 else "allgather_bucket_size"
+    return sum(int(zero.get(k, DS_DEFAULT_BUCKETS[k])) for k in ("reduce_bucket_size", second)) * d
 
 
 def _plan_dtype(cfg: Config) -> str:
