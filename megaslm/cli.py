@@ -34,7 +34,10 @@ def cmd_train(a) -> int:
     from megaslm.config import load_config
 
     cfg = load_config(a.config, a.overrides)
+    from megaslm.preflight import check_config
     from megaslm.train.trainer import main_entry
+
+    check_config(cfg)  # before any process group or engine: refuse what cannot run
 
     return main_entry(cfg)
 
@@ -57,6 +60,12 @@ def cmd_score(a) -> int:
     from megaslm import score
 
     return score.run(a)
+
+
+def cmd_plan(a) -> int:
+    from megaslm import plan
+
+    return plan.run(a)
 
 
 def cmd_demo(a) -> int:
@@ -189,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", required=True)
     rp.set_defaults(func=cmd_report)
+
+    pl = sub.add_parser("plan", help="memory per device, FLOPs, time and GPU-hours of a config, without running it")
+    from megaslm import plan
+
+    plan.add_arguments(pl)
+    pl.set_defaults(func=cmd_plan)
 
     de = sub.add_parser("demo", help="the Rho-1 experiment on CPU with text that ships on this machine")
     de.add_argument("--out", default="demo_run", help="output directory (default ./demo_run)")
