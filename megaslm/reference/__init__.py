@@ -23,10 +23,11 @@ from megaslm.config import reference_paths
 from megaslm.errors import UserError
 from megaslm.reference.cache import CachedReference, is_complete
 from megaslm.reference.ensemble import EnsembleReference
-from megaslm.reference.online import OnlineReference, check_reference_tokenizer, choose_placement
+from megaslm.reference.online import (AUTO_FRACTION, OnlineReference, check_reference_tokenizer, choose_placement,
+                                      reference_bytes)
 
 __all__ = ["ReferenceLosses", "make_reference", "needs_reference", "CachedReference", "OnlineReference",
-           "EnsembleReference", "check_reference_tokenizer", "choose_placement"]
+           "EnsembleReference", "check_reference_tokenizer", "choose_placement", "reference_bytes", "AUTO_FRACTION"]
 
 
 class ReferenceLosses(Protocol):

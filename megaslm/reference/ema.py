@@ -63,8 +63,11 @@ class EMAReference(Callback):
             e.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
 
     @torch.no_grad()
+    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, labels).float()
+
     def losses_for(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["input_ids"], batch["labels"]).float()
+        return self.losses(batch["input_ids"], batch["labels"])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates,

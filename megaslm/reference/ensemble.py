@@ -22,3 +22,8 @@ class EnsembleReference:
     @torch.no_grad()
     def losses_for(self, batch: dict) -> torch.Tensor:
         return COMBINE[self.combine](torch.stack([m.losses_for(batch) for m in self.members]))
+
+    @torch.no_grad()
+    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Of token ids alone (online members only)."""
+        return COMBINE[self.combine](torch.stack([m.losses(input_ids, labels) for m in self.members]))
