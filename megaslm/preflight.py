@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megaslm.config import Config
+from megaslm.config import Config, reference_paths
 from megaslm.errors import UserError
 
 PLACEHOLDER_VOCAB = 32000  # architecture checks when no vocabulary is known yet (it changes no position limit)
@@ -42,14 +42,17 @@ def model_hf_config(cfg: Config, vocab_size: int | None = None):
     return preset_config(cfg.model.preset, vocab_size or known_vocab(cfg) or PLACEHOLDER_VOCAB)
 
 
-def reference_hf_config(cfg: Config):
-    """reference.path's config.json when an SLM run names one that exists, else None."""
-    r = cfg.reference
-    if cfg.objective != "slm" or not r.path or not (Path(r.path) / "config.json").is_file():
+def reference_hf_config(cfg: Config, path: str | None = None):
+    """The config.json of reference.path (or of `path`, one of a list) when an SLM run names one that exists, else
+    None. For a list, the first entry unless `path` is given."""
+
+    paths = reference_paths(cfg)
+    path = path or (paths[0] if paths else None)
+    if cfg.objective != "slm" or not path or not (Path(path) / "config.json").is_file():
         return None
     from megaslm.model.build import load_hf_config
 
-    return load_hf_config(r.path)
+    return load_hf_config(path)
 
 
 def check_positions(hf_config, seq_len: int, what: str) -> None:
@@ -71,12 +74,14 @@ def check_config(cfg: Config) -> None:
     if cfg.model.init_from and vocab is not None and model.vocab_size != vocab:
         raise UserError(f"{model_what} has vocab_size {model.vocab_size} but data.train {cfg.data.train} has "
                         f"vocab_size {vocab}: the model and the shards must share the tokenizer")
-    ref = reference_hf_config(cfg)
-    if ref is None:
-        return
-    ref_what = f"reference.path {cfg.reference.path}"
-    check_positions(ref, cfg.train.seq_len, ref_what)
-    want = vocab or cfg.model.vocab_size or (model.vocab_size if cfg.model.init_from else None)
-    if want is not None and ref.vocab_size != want:
-        raise UserError(f"{ref_what} has vocab_size {ref.vocab_size} but the trained model's vocabulary is {want} "
-                        f"(data.train {cfg.data.train}): the reference must share the tokenizer")
+
+    for path in reference_paths(cfg):  # every model of a reference ensemble
+        ref = reference_hf_config(cfg, path)
+        if ref is None:
+            continue
+        ref_what = f"reference.path {path}"
+        check_positions(ref, cfg.train.seq_len, ref_what)
+        want = vocab or cfg.model.vocab_size or (model.vocab_size if cfg.model.init_from else None)
+        if want is not None and ref.vocab_size != want:
+            raise UserError(f"{ref_what} has vocab_size {ref.vocab_size} but the trained model's vocabulary is "
+                            f"{want} (data.train {cfg.data.train}): the reference must share the tokenizer")
