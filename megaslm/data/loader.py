@@ -96,7 +96,7 @@ class PackedLoader:
             self._perm_epoch = epoch
         return self._perm
 
-    def _batch(self, seqs: np.ndarray, rows: int) -> dict[str, torch.Tensor]:
+    def rows(self, seqs: np.ndarray, rows: int) -> dict[str, torch.Tensor]:
         """Rows for sequence numbers `seqs`, padded to `rows` rows."""
         L = self.seq_len
         window = np.full((rows, L + 1), self.shards.eos_id, np.int64)
@@ -136,7 +136,7 @@ class PackedLoader:
         start = self.pos + self.dp_rank * B
         seqs = perm[start:start + B]
         self.pos += G
-        return self._batch(seqs, B)
+        return self.rows(seqs, B)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -150,7 +150,7 @@ class PackedLoader:
         for g in range(0, m, G):
             lo = min(m, g + self.dp_rank * B)
             hi = min(m, lo + B)
-            yield self._batch(np.arange(lo, hi), B)
+            yield self.rows(np.arange(lo, hi), B)
 
     def num_eval_batches(self, max_sequences: int | None = None) -> int:
         m = self.n_seq if max_sequences is None else max(0, min(self.n_seq, int(max_sequences)))
