@@ -39,11 +39,11 @@ def owner(first_token):
     return int(first_token) // 20000
 
 
-def test_proportions_match_weights_per_batch_and_over_the_run(sets):
-    """Tolerance: every global batch holds round-ish G*w (within 1 sequence of G*w per component), and the
+@pytest.mark.parametrize("weights,G", [((0.5, 0.3, 0.2), 10), ((0.9, 0.07, 0.03), 32)])
+def test_proportions_match_weights_per_batch_and_over_the_run(sets, weights, G):
+    """Tolerance: each global batch holds G*w_c sequences of component c within 2 (measured: <= 1.04), and the
     running count of each component is within 1 sequence of its exact share after every batch."""
-    weights = (0.5, 0.3, 0.2)
-    G, steps = 10, 300
+    steps = 300
     loader = MixtureLoader(comps(sets, weights), L, G, seed=1)
     total = np.zeros(3)
     worst_batch, worst_run = 0.0, 0.0
@@ -55,10 +55,11 @@ def test_proportions_match_weights_per_batch_and_over_the_run(sets):
         worst_batch = max(worst_batch, np.abs(counts - G * np.array(weights)).max())
         total += counts
         worst_run = max(worst_run, np.abs(total - step * G * np.array(weights)).max())
-    assert worst_batch <= 1.0 and worst_run < 1.0
+    assert worst_batch < 2.0 and worst_run < 1.0
     assert (total / total.sum()).tolist() == pytest.approx(weights, abs=1e-9)
-    # Small components ran out and started new epochs; the big one did not.
-    assert loader.epochs[0] < loader.epochs[2] and loader.epochs[2] >= 5
+    # A component that ran out started its next epoch: epochs follow from its count and its size alone.
+    n_seq = [(st.num_tokens - 1) // L for st in sets]
+    assert loader.epochs == [(int(t) - 1) // n for t, n in zip(total, n_seq)] and max(loader.epochs) >= 5
 
 
 def test_rows_come_from_their_component_with_masks_sources_and_labels(sets):
