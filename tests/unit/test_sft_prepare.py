@@ -106,3 +106,34 @@ def test_bad_utf8_reported_skipped_or_refused(tmp_path, tiny_data):
     res = run_cli("prepare", "--input", str(tmp_path / "b.jsonl"), "--tokenizer", tiny_data["tok"],
                   "--out", str(tmp_path / "cli"), "--on-bad-utf8", "skip", check=True)
     assert "skipped 1 not valid UTF-8" in res.stdout and "b.jsonl: line 2" in res.stderr
+
+
+@pytest.mark.parametrize("scope", ["sequence", "rank", "global"])
+def test_slm_on_masked_data_counts_and_selects_response_tokens_only(tmp_path, tiny_data, scope):
+    """n_valid is the response-token count of the batch; no prompt token is ever selected or carries loss."""
+    import torch
+
+    from megaslm.loss import select_tokens
+    from megaslm.loss.objective import compute_objective
+
+    tok = load_tokenizer(tiny_data["tok"])
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    prepare([str(tmp_path / "sft.jsonl")], tok, str(tmp_path / "s"), sft_fields={"prompt": "q", "response": "a"})
+    toks, mask = expected_pair_stream(tok, PAIRS)
+    L, loader = 16, PackedLoader(str(tmp_path / "s"), 16, 6, seed=1)
+    b = loader.next_batch()
+    response = torch.from_numpy(np.stack([mask[i * L + 1:i * L + L + 1] for i in b["index"].tolist()]))
+    g = torch.Generator().manual_seed(0)
+    token_loss = torch.rand(b["labels"].shape, generator=g).requires_grad_(True)
+    ref_loss = torch.rand(b["labels"].shape, generator=g)
+    # Prompt tokens get the highest excess: a selection that looked at them would pick them first.
+    token_loss_in = torch.where(response, token_loss, token_loss + 100.0)
+    valid = b["labels"] != -100
+    assert torch.equal(valid, response)
+    loss, stats = compute_objective(torch.where(valid, token_loss_in, 0.0), ref_loss, valid, objective="slm",
+                                    ratio=0.5, scope=scope)
+    assert stats["n_valid"] == int(response.sum())
+    selected = select_tokens(token_loss_in.detach() - ref_loss, valid, 0.5, scope)
+    assert selected.any() and not (selected & ~response).any()
+    loss.backward()
+    assert (token_loss.grad[~response] == 0).all() and (token_loss.grad[response] != 0).any()
