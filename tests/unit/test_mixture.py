@@ -123,3 +123,18 @@ def test_too_small_component_and_bad_weights_are_errors(sets, tmp_path):
         MixtureLoader([Component("web", sets[0], 1.0), Component("tiny", tiny, 1.0)], L, 2)
     with pytest.raises(UserError, match="weights must be > 0"):
         MixtureLoader([Component("web", sets[0], 0.0)], L, 2)
+
+
+def test_mixture_metric_names_and_component_totals():
+    """tokens/<i> -> tokens/<name>; with track_sources, per-file keys plus component totals (selected over total)."""
+    from megaslm.train.trainer import name_sources
+
+    rec = {"loss": 1.0, "tokens/0": 10.0, "tokens/1": 30.0, "tokens/2": 5.0,
+           "selected_frac/0": 0.5, "selected_frac/1": 0.1, "selected_frac/2": 1.0}
+    out = name_sources(rec, ["web/0", "web/1", "code/0"])
+    assert out["loss"] == 1.0 and "tokens/0" not in out
+    assert out["tokens/web/1"] == 30.0 and out["selected_frac/code/0"] == 1.0
+    assert out["tokens/web"] == 40.0 and out["selected_frac/web"] == pytest.approx((5 + 3) / 40)
+    assert out["tokens/code"] == 5.0 and out["selected_frac/code"] == pytest.approx(1.0)
+    plain = name_sources({"tokens/0": 4.0, "tokens/1": 6.0}, ["web", "code"])
+    assert plain == {"tokens/web": 4.0, "tokens/code": 6.0}
