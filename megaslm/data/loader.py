@@ -166,6 +166,9 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the saved loader stopped. Raises UserError if the state belongs to a
         different seed / seq_len / global batch size / shard set."""
+        if state.get("kind") == "mixture":
+            raise UserError("cannot resume the data loader: the checkpoint was written for a mixture (data.train a "
+                            f"list), this run reads one shard directory {self.shards.path}")
         mine = self.state_dict()
         diffs = []
         for key in ("seed", "seq_len", "global_batch_size", "num_tokens", "num_documents", "fingerprint"):

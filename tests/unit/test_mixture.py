@@ -138,3 +138,11 @@ def test_mixture_metric_names_and_component_totals():
     assert out["tokens/code"] == 5.0 and out["selected_frac/code"] == pytest.approx(1.0)
     plain = name_sources({"tokens/0": 4.0, "tokens/1": 6.0}, ["web", "code"])
     assert plain == {"tokens/web": 4.0, "tokens/code": 6.0}
+
+
+def test_single_directory_loader_refuses_a_mixture_state(sets):
+    from megaslm.data.loader import PackedLoader
+
+    state = MixtureLoader(comps(sets), L, 2).state_dict()
+    with pytest.raises(UserError, match="written for a mixture"):
+        PackedLoader(sets[0], L, 2).load_state_dict(state)
