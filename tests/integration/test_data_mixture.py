@@ -119,3 +119,47 @@ def test_grad_accum_2_equals_one_micro_batch_of_twice_the_size_with_masked_sft_d
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
     assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=1e-4)
     assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-4)
+
+
+def test_slm_on_a_mixture_with_document_masking_scores_the_reference_with_the_same_mask(tmp_path, tiny_data, sft):
+    """One process: the online reference sees the same position_ids and masked labels as the trained model
+    (its mean loss equals an independent run of the reference on the replayed batch); per-component and
+    per-file SLM metrics under their names."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megaslm.data.tokenizer import load_tokenizer
+    from megaslm.model.build import TokenLossModel
+    from megaslm.model.presets import preset_config
+
+    torch.manual_seed(11)
+    ref_dir = tmp_path / "ref"
+    AutoModelForCausalLM.from_config(preset_config("tiny", 512)).save_pretrained(ref_dir)
+    load_tokenizer(tiny_data["tok"]).save_pretrained(str(ref_dir))
+    cfg = mixture_config(tmp_path / "slm", tiny_data, sft)
+    cfg["data"].update(track_sources=True, valid=None)
+    cfg["data"]["train"][1]["path"] = sft["big"]  # enough responses that both sft rows hold labelled tokens
+    cfg["train"].update(steps=1, micro_batch_size=4, save_every=0, eval_every=0)
+    cfg.update(objective="slm", slm={"ratio": 0.5, "scope": "global"},
+               reference={"path": str(ref_dir), "placement": "replicated"})
+    run_cli("train", str(write_config(tmp_path / "slm.yaml", cfg)), check=True)
+    rec = read_metrics(tmp_path / "slm")[0]
+
+    from megaslm.data.mixture import Component, MixtureLoader
+    from megaslm.data.shards import ShardSet
+
+    b = MixtureLoader([Component("clean", ShardSet(tiny_data["train"]), 2.0),
+                       Component("sft", ShardSet(sft["big"]), 2.0)], 32, 4, seed=5, document_mask=True).next_batch()
+    ref = TokenLossModel(AutoModelForCausalLM.from_pretrained(ref_dir)).eval()
+    with torch.no_grad():
+        losses = ref(b["input_ids"], b["labels"], b["position_ids"]).double()
+    valid = b["labels"] != -100
+    assert int(valid[b["component"] == 1].sum()) > 0
+    assert rec["n_valid"] == int(valid.sum())
+    assert rec["ref_loss"] == pytest.approx(float(losses[valid].mean()), rel=1e-5)
+    assert rec["tokens/clean"] == rec["tokens/clean/0"] == int(valid[b["component"] == 0].sum())
+    assert rec["tokens/sft"] == rec["tokens/sft/0"] == int(valid[b["component"] == 1].sum())
+    for name in ("clean", "sft"):
+        assert 0 <= rec[f"selected_frac/{name}"] <= 1
+    n_sel = rec["selected_frac/clean"] * rec["tokens/clean"] + rec["selected_frac/sft"] * rec["tokens/sft"]
+    assert n_sel == pytest.approx(rec["n_selected"])
