@@ -302,6 +302,11 @@ def train_components(d: DataConfig) -> list[MixtureComponent] | None:
     return d.train if isinstance(d.train, list) else None
 
 
+def first_train_path(d: DataConfig) -> str:
+    """The shard directory that fixes the tokenizer: data.train, or a mixture's first component."""
+    return d.train[0].path if isinstance(d.train, list) else d.train
+
+
 def valid_sets(d: DataConfig) -> dict[str, str]:
     """data.valid as {name: directory}: a plain directory is named "valid"; none gives {}."""
     if d.valid is None or d.valid == "":

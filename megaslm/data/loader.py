@@ -42,6 +42,11 @@ from megaslm.errors import UserError
 IGNORE_INDEX = -100
 
 
+def model_inputs(batch: dict, device) -> dict:
+    """What the model takes besides input_ids and labels: position_ids under document masking."""
+    return {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
+
+
 def document_positions(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
     """int64 [B, T]: each token's offset since the row start or the last EOS before it (a document starts after
     every EOS)."""

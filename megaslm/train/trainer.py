@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megaslm.atomic import write_json
-from megaslm.config import Config, dump_config, resolve_path, train_components, valid_sets
-from megaslm.data.loader import PackedLoader
+from megaslm.config import Config, dump_config, first_train_path, resolve_path, train_components, valid_sets
+from megaslm.data.loader import PackedLoader, model_inputs
 from megaslm.data.mixture import Component, MixtureLoader
 from megaslm.data.shards import ShardSet, check_compatible
 from megaslm.errors import UserError
@@ -109,7 +109,7 @@ def build_data(cfg: Config) -> Data:
     mixture = train_components(cfg.data)
     components = [Component(c.name, ShardSet(c.path), c.weight) for c in mixture] if mixture else None
     train = components[0].shards if components else ShardSet(cfg.data.train)
-    first = mixture[0].path if mixture else cfg.data.train
+    first = first_train_path(cfg.data)
     vocab = cfg.model.vocab_size or train.vocab_size
     check_compatible(train, vocab, None, f"model {cfg.model.init_from or cfg.model.preset}")
     for c in (components or [])[1:]:
@@ -133,11 +133,6 @@ def make_loader(cfg: Config, shards: ShardSet | list[Component], groups: Paralle
     return PackedLoader(shards, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank=groups.dp_rank,
                         dp_size=groups.dp_size, seed=cfg.train.seed if train else 0,
                         with_source=train and d.track_sources, eval_only=not train, document_mask=d.document_mask)
-
-
-def model_inputs(batch: dict, device) -> dict:
-    """What the model takes besides input_ids and labels: position_ids under document masking."""
-    return {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
 
 
 def name_sources(rec: dict, names: list[str]) -> dict:
