@@ -63,11 +63,12 @@ class EMAReference(Callback):
             e.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
 
     @torch.no_grad()
-    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, labels).float()
+    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, labels, position_ids).float()
 
     def losses_for(self, batch: dict) -> torch.Tensor:
-        return self.losses(batch["input_ids"], batch["labels"])
+        return self.losses(batch["input_ids"], batch["labels"], batch.get("position_ids"))
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates,

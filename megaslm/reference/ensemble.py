@@ -24,6 +24,7 @@ class EnsembleReference:
         return COMBINE[self.combine](torch.stack([m.losses_for(batch) for m in self.members]))
 
     @torch.no_grad()
-    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Of token ids alone (online members only)."""
-        return COMBINE[self.combine](torch.stack([m.losses(input_ids, labels) for m in self.members]))
+        return COMBINE[self.combine](torch.stack([m.losses(input_ids, labels, position_ids) for m in self.members]))

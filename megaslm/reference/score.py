@@ -99,6 +99,9 @@ def score(cfg, *, chunk_tokens: int | None = None, storage_dtype: str = DEFAULT_
     from megaslm.train.faults import maybe_fail
     from megaslm.train.preempt import Preemption
 
+    if not isinstance(cfg.data.train, str):
+        raise UserError("data.train is a mixture: score one shard directory at a time (set data.train to it); "
+                        "training with a mixture uses an online reference (reference.path)")
     shards = ShardSet(cfg.data.train)
     T = cfg.train.seq_len
     n_seq = (shards.num_tokens - 1) // T
