@@ -149,6 +149,7 @@ class _Rows:
         from megaslm.data.shards import ShardSet
 
         self.shards, self.rank, self.mb, self.masked, self.i = ShardSet(train_dir), rank, mb, masked, 0
+        self.epoch = 0
 
     def next_batch(self):
         import numpy as np
