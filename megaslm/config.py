@@ -66,6 +66,11 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end (if data.valid is set)
     log_every: int = 1
     peak_tflops: float | None = None  # per device, for MFU; default from a table of known GPUs
+    resume_from: str = "latest"  # latest (newest checkpoint that verifies) | a tag (step_00000300) | none
+    max_skipped_steps: int = 10  # stop after this many consecutive skipped steps (non-finite loss/grad or spike)
+    spike_skip_sigma: float | None = None  # skip a step whose loss is this many std devs above the window mean
+    spike_window: int = 128  # steps in the loss window of spike_skip_sigma (judged once half full)
+    profile_steps: list[int] = field(default_factory=list)  # [N, M]: torch.profiler trace of steps N..M
 
 
 @dataclass
@@ -229,6 +234,7 @@ def validate(cfg: Config, src: str = "config") -> Config:
         raise bad("train.log_every", f"must be >= 1, got {t.log_every}")
     if t.keep_checkpoints < 1:
         raise bad("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _validate_resilience(t, bad)
     if not t.lr > 0:
         raise bad("train.lr", f"must be > 0, got {t.lr}")
     if not 0 <= t.min_lr_ratio <= 1:
@@ -253,6 +259,23 @@ def validate(cfg: Config, src: str = "config") -> Config:
     if cfg.parallel.tensor < 1:
         raise bad("parallel.tensor", f"must be >= 1, got {cfg.parallel.tensor}")
     return cfg
+
+
+def _validate_resilience(t: TrainConfig, bad) -> None:
+    import re
+
+    if t.resume_from not in ("latest", "none") and not re.fullmatch(r"step_\d{8}", t.resume_from):
+        raise bad("train.resume_from", f"must be latest, none or a checkpoint tag like step_00000300, "
+                  f"got {t.resume_from!r}")
+    if t.max_skipped_steps < 1:
+        raise bad("train.max_skipped_steps", f"must be >= 1, got {t.max_skipped_steps}")
+    if t.spike_skip_sigma is not None and not t.spike_skip_sigma > 0:
+        raise bad("train.spike_skip_sigma", f"must be > 0 (or null: off), got {t.spike_skip_sigma}")
+    if t.spike_window < 4:
+        raise bad("train.spike_window", f"must be >= 4, got {t.spike_window}")
+    p = t.profile_steps
+    if p and not (len(p) == 2 and 1 <= p[0] <= p[1]):
+        raise bad("train.profile_steps", f"must be [N, M] with 1 <= N <= M (or []: off), got {p}")
 
 
 def from_dict(data: dict, src: str = "config") -> Config:

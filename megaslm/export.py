@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from megaslm.errors import UserError
 from megaslm.parallel.tensor import consolidate_tp_checkpoint, merge_tp_shards, read_layout
-from megaslm.train.checkpoint import latest_tag
+from megaslm.train import manifest
+from megaslm.train.checkpoint import candidates
 
 PREFIX = "lm."  # TokenLossModel keeps the Hugging Face model as `.lm`
 
@@ -59,17 +61,44 @@ def find_tokenizer(run_dir: Path) -> str | None:
     return None
 
 
+def verified_tag(ckpt_root: Path, tag: str | None) -> str:
+    """The tag to export, checked against its manifest as resume checks it: the given tag, or the newest
+    checkpoint that passes (saying so on stderr when that is not the latest)."""
+    tags = candidates(ckpt_root, tag or "latest")
+    if not tags:
+        raise UserError(f"{ckpt_root}: no complete checkpoint to export")
+    problems = []
+    for t in tags:
+        problem = manifest.verify(ckpt_root / t)
+        if problem is None:
+            if problems:
+                print(f"megaslm: exporting {t}, the newest checkpoint that passes verification", file=sys.stderr)
+            elif not manifest.has_manifest(ckpt_root / t):
+                print(f"megaslm: checkpoint {t} has no manifest (written before megaslm recorded them): "
+                      f"exporting it without verification", file=sys.stderr)
+            return t
+        problems.append(problem)
+        print(f"megaslm: checkpoint {t} is unusable: {problem}", file=sys.stderr)
+    raise UserError(f"no checkpoint in {ckpt_root} passes verification ({'; '.join(problems)})")
+
+
 def export(run_dir: str, out: str, tag: str | None = None) -> Path:
     run = Path(run_dir)
     ckpt_root = run / "checkpoints"
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a megaslm run directory (no config.yaml)")
-    tag = tag or latest_tag(ckpt_root)
-    if tag is None or not (ckpt_root / tag).is_dir():
-        raise UserError(f"{ckpt_root}: no complete checkpoint to export")
+    tag = verified_tag(ckpt_root, tag)
     info = json.loads((run / "run_info.json").read_text())
     hf_cfg = AutoConfig.from_pretrained(run / "hf_config", local_files_only=True)
-    state = consolidated_state_dict(ckpt_root, tag, run)
+    try:
+        state = consolidated_state_dict(ckpt_root, tag, run)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file: name it if a deep check finds it
+        problem = manifest.diagnose(ckpt_root / tag)
+        if problem is None:
+            raise
+        raise UserError(f"checkpoint {tag} cannot be read: {problem}") from e
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg)

@@ -30,7 +30,9 @@ from megaslm.parallel import tensor as tp
 from megaslm.parallel.groups import ParallelGroups
 from megaslm.train import checkpoint
 from megaslm.train.callbacks import Callback, callback_states, load_callback_states
-from megaslm.train.faults import maybe_fail
+from megaslm.train.faults import corrupt_loss, maybe_fail
+from megaslm.train.guard import SkipGuard
+from megaslm.train.halt import RunHalted
 from megaslm.train.preempt import Preemption
 from megaslm.train.schedule import make_scheduler
 
@@ -196,7 +198,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.run.dir).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
-        tp.check_resume(self.run_dir, checkpoint.latest_tag(self.ckpt_root) is not None, cfg.parallel.tensor)
+        tp.check_resume(self.run_dir, bool(checkpoint.candidates(self.ckpt_root, cfg.train.resume_from)),
+                        cfg.parallel.tensor)
         if self.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -212,11 +215,13 @@ class Trainer:
         self.engine, self.scheduler = self.model.engine, self.model.scheduler
         self.ds_config, self.lm_config, self.summary = self.model.ds_config, self.model.hf_config, self.model.summary
         self.reference = build_reference(cfg, self.data, g, self.dtype)
-        self.callbacks: list[Callback] = list(callbacks or [])
+        self.guard = SkipGuard(cfg.train.max_skipped_steps, cfg.train.spike_skip_sigma, cfg.train.spike_window)
+        self.callbacks: list[Callback] = [self.guard, *side_callbacks(cfg, self.run_dir, self.is_main),
+                                          *(callbacks or [])]
 
         # Resume.
         self.step = 0
-        state = checkpoint.load(self.engine, self.ckpt_root)
+        state = checkpoint.resume(self.engine, self.ckpt_root, cfg.train.resume_from, self._say)
         if state is not None:
             self.step = int(state["step"])
             self.loader.load_state_dict(state["loader"])
@@ -245,7 +250,7 @@ class Trainer:
     def _micro_step(self, batch: dict) -> dict:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
-        token_loss = self.engine(input_ids, labels)
+        token_loss = corrupt_loss(self.engine(input_ids, labels), self.step + 1, self.rank)  # MEGASLM_FAULT only
         ref_loss = None
         if self.reference is not None:
             ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"]})
@@ -255,6 +260,7 @@ class Trainer:
             scope=self.cfg.slm.scope, dp_group=self.groups.dp_group,
             source=source.to(self.device) if source is not None else None,
             num_sources=len(self.train_shards.sources) if source is not None else 0)
+        self.guard.observe(stats)  # before the boundary step(), which applies or skips the update
         self.engine.backward(loss)
         self.engine.step()
         return stats
@@ -346,6 +352,10 @@ class Trainer:
         self._end()
         return 0
 
+    def _say(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
+
     def _end(self) -> None:
         for cb in self.callbacks:
             cb.on_train_end(self)
@@ -383,6 +393,17 @@ def _console_line(rec: dict, total: int) -> str:
     return " | ".join(parts)
 
 
+def side_callbacks(cfg: Config, run_dir: Path, is_main: bool) -> list[Callback]:
+    """The callbacks the config asks for (besides the skip guard every run has)."""
+    out: list[Callback] = []
+    if cfg.train.profile_steps:
+        from megaslm.train.profile import StepProfiler
+
+        first, last = cfg.train.profile_steps
+        out.append(StepProfiler(first, last, run_dir / "profile", is_main))
+    return out
+
+
 def train(cfg: Config) -> int:
     trainer = Trainer(cfg)
     code = trainer.run()
@@ -393,6 +414,10 @@ def train(cfg: Config) -> int:
 def main_entry(cfg: Config) -> int:
     try:
         return train(cfg)
+    except RunHalted as e:
+        if e.quiet:  # rank 0 prints the message
+            return 2
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
