@@ -88,13 +88,13 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int) -> s
     return tag
 
 
-def _agree(local_error: str | None) -> str | None:
-    """Every rank's outcome of one save phase; the first failure (with its rank) or None, the same on all ranks."""
+def _agree(local_error: str | None, name_rank: bool = True) -> str | None:
+    """Every rank's outcome of one phase; the first failure (naming its rank) or None, the same on all ranks."""
     errors: list = [None] * dist.get_world_size()
     dist.all_gather_object(errors, local_error)  # a collective every rank reaches, failed or not
     for r, e in enumerate(errors):
         if e is not None:
-            return f"rank {r}: {e}"
+            return f"rank {r}: {e}" if name_rank else e
     return None
 
 
@@ -240,7 +240,7 @@ def resume(engine, ckpt_root: Path, resume_from: str, say) -> dict | None:
     tags = candidates(ckpt_root, resume_from)
     problems = []
     for tag in tags:
-        problem = _agree(manifest.verify(ckpt_root / tag))
+        problem = _agree(manifest.verify(ckpt_root / tag), name_rank=False)  # ranks see the same files
         if problem is None and not manifest.has_manifest(ckpt_root / tag):
             say(f"megaslm: checkpoint {tag} has no manifest (written before megaslm recorded them): "
                 f"loading it without verification")
