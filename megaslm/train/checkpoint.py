@@ -169,7 +169,6 @@ def _abandon(ckpt_root: Path, tag: str, error: str) -> None:
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(ckpt_root / tag, ignore_errors=True)
-    dist.barrier()  # the partial directory is gone before any rank exits
     prev = latest_tag(ckpt_root)
     kept = f"{POINTER} still names {prev}" if prev else "there is no earlier complete checkpoint"
     halt(f"saving checkpoint {tag} failed on {error}; removed the partial {ckpt_root / tag}; {kept}. "

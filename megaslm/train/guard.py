@@ -30,6 +30,8 @@ from __future__ import annotations
 import functools
 import math
 
+import torch
+
 from megaslm.train.callbacks import Callback
 from megaslm.train.halt import halt
 
@@ -121,6 +123,15 @@ class SkipGuard(Callback):
         self.window = [float(x) for x in state["window"]][-self.window_size:]
         self.skipped = int(state["skipped"])
         self.consecutive = int(state["consecutive"])
+
+
+def nan_step(error: ValueError, token_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(loss, metrics) of a micro-step whose SLM selection found NaN losses: a NaN loss to backpropagate, so that
+    the step is skipped like any other with a non-finite loss. Every rank gets here together: the selection
+    raises after all-reducing its NaN count. Any other error is re-raised."""
+    if "NaN" not in str(error):
+        raise error
+    return token_loss.sum() * float("nan"), {"loss": float("nan")}
 
 
 def install_gate(engine, apply) -> None:

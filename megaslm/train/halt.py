@@ -1,20 +1,27 @@
 """Stopping every rank of a run on purpose (a failed save, too many skipped steps) with one message.
 
-The ranks decide together (from all-reduced values) and raise together. Rank 0's RunHalted carries the message,
-which the CLI prints as `error: ...` (exit status 2); the other ranks' are `quiet`: they exit with status 2
-without printing, so the user reads the line once.
+The ranks decide together (from all-reduced values) and call `halt` together: rank 0 prints the message as the
+CLI prints any error (`error: ...` on stderr), a barrier makes sure it is out (a launcher such as torchrun or
+`srun --kill-on-bad-exit` kills the other ranks as soon as one exits non-zero), then every rank raises RunHalted,
+which `megaslm train` turns into exit status 2 without printing it again.
 """
 
 from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
 
 from megaslm.errors import UserError
 
 
 class RunHalted(UserError):
-    def __init__(self, message: str, quiet: bool = False):
-        super().__init__(message)
-        self.quiet = quiet
+    pass
 
 
 def halt(message: str, rank: int) -> None:
-    raise RunHalted(message, quiet=rank != 0)
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    raise RunHalted(message)

@@ -31,7 +31,7 @@ from megaslm.parallel.groups import ParallelGroups
 from megaslm.train import checkpoint
 from megaslm.train.callbacks import Callback, callback_states, load_callback_states
 from megaslm.train.faults import corrupt_loss, maybe_fail
-from megaslm.train.guard import SkipGuard
+from megaslm.train.guard import SkipGuard, nan_step
 from megaslm.train.halt import RunHalted
 from megaslm.train.preempt import Preemption
 from megaslm.train.schedule import make_scheduler
@@ -255,11 +255,14 @@ class Trainer:
         if self.reference is not None:
             ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"]})
         source = batch.get("source")
-        loss, stats = compute_objective(
-            token_loss, ref_loss, labels != -100, objective=self.cfg.objective, ratio=self.cfg.slm.ratio,
-            scope=self.cfg.slm.scope, dp_group=self.groups.dp_group,
-            source=source.to(self.device) if source is not None else None,
-            num_sources=len(self.train_shards.sources) if source is not None else 0)
+        try:
+            loss, stats = compute_objective(
+                token_loss, ref_loss, labels != -100, objective=self.cfg.objective, ratio=self.cfg.slm.ratio,
+                scope=self.cfg.slm.scope, dp_group=self.groups.dp_group,
+                source=source.to(self.device) if source is not None else None,
+                num_sources=len(self.train_shards.sources) if source is not None else 0)
+        except ValueError as e:  # SLM's selection refuses NaN excess losses (on every rank at once)
+            loss, stats = nan_step(e, token_loss)
         self.guard.observe(stats)  # before the boundary step(), which applies or skips the update
         self.engine.backward(loss)
         self.engine.step()
@@ -414,10 +417,8 @@ def train(cfg: Config) -> int:
 def main_entry(cfg: Config) -> int:
     try:
         return train(cfg)
-    except RunHalted as e:
-        if e.quiet:  # rank 0 prints the message
-            return 2
-        raise
+    except RunHalted:  # every rank stopped on purpose; rank 0 printed why
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
