@@ -285,7 +285,7 @@ def _settle(ckpt_root: Path, tag: str, tags: list[str], say) -> None:
     if tag == newest:
         return
     if tag != tags[0]:
-        say(f"megaslm: falling back to {tag}, the newest checkpoint that passes verification")
+        say(f"megaslm: falling back to {tag}, the newest checkpoint that verifies and loads")
     dist.barrier()  # every rank has read the pointer before rank 0 replaces it
     if dist.get_rank() == 0:
         write_text(ckpt_root / POINTER, tag)

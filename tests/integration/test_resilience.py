@@ -82,6 +82,35 @@ def test_damaged_latest_checkpoint_falls_back_and_matches_uninterrupted_run(tmp_
     assert run_cli("export", str(run), "--out", str(tmp_path / "hf2"), check=True).stderr.count("unusable") == 0
 
 
+def test_load_failing_half_way_falls_back_to_a_clean_load(tmp_path, tiny_data, reference):
+    """A checkpoint without a manifest (as written before manifests) whose optimizer file is damaged inside:
+    DeepSpeed loads the module weights, then fails on the optimizer state. The older checkpoint must then load
+    completely: the later losses equal the uninterrupted run's."""
+    import zipfile
+
+    ref_run, ref, _ = reference
+    run = tmp_path / "half"
+    shutil.copytree(ref_run, run)
+    tag = run / "checkpoints" / "step_00000006"
+    (tag / "manifest.json").unlink()
+    damaged = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with zipfile.ZipFile(damaged) as z:
+        rec = z.infolist()[0]  # the pickle, read first
+    data = bytearray(damaged.read_bytes())
+    data[rec.header_offset + 30 + len(rec.filename.encode()) + len(rec.extra) + rec.file_size // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+
+    res = run_cli("train", str(write_config(tmp_path / "half.yaml", config(run, tiny_data))), nproc=2, check=True)
+    out = res.stdout
+    assert "checkpoint step_00000006 has no manifest" in out
+    assert "checkpoint step_00000006 is unusable: " in out
+    assert f"{damaged}: record {rec.filename} is damaged (CRC-32 mismatch)" in out
+    assert "falling back to step_00000004" in out and "resumed from step_00000004" in out
+    got = losses(run)
+    for step in (5, 6):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+
+
 def test_resume_from_a_missing_tag_is_a_user_error(tmp_path, tiny_data, reference):
     ref_run, _, _ = reference
     cfg = write_config(tmp_path / "c.yaml", config(ref_run, tiny_data, resume_from="step_00000005"))
@@ -172,8 +201,17 @@ def test_nan_and_spike_steps_are_skipped_and_resume_skips_the_same(tmp_path, tin
 
 
 def test_consecutive_skips_stop_the_run_and_keep_the_last_checkpoint(tmp_path, tiny_data):
+    """ZeRO-3 and SLM: the selection refuses NaN losses; the step is skipped all the same."""
+    from transformers import AutoModelForCausalLM
+
+    from megaslm.model.presets import preset_config
+
+    torch.manual_seed(11)
+    AutoModelForCausalLM.from_config(preset_config("tiny", 512)).save_pretrained(tmp_path / "ref")
     run = tmp_path / "nan_z3"
-    cfg = write_config(tmp_path / "nan_z3.yaml", config(run, tiny_data, zero="zero3", max_skipped_steps=2))
+    c = config(run, tiny_data, zero="zero3", max_skipped_steps=2)
+    c.update(objective="slm", reference={"path": str(tmp_path / "ref"), "placement": "replicated"})
+    cfg = write_config(tmp_path / "nan_z3.yaml", c)
     res = run_cli("train", str(cfg), nproc=2, env={"MEGASLM_FAULT": "nan_loss:3,nan_loss:4"})
     assert res.returncode != 0
     lines = error_lines(res)
