@@ -236,6 +236,9 @@ def resume(engine, ckpt_root: Path, resume_from: str, say) -> dict | None:
     """Load the first candidate that verifies and loads on every rank; its client state (with "tag"), or None
     when there is nothing to resume. `say(line)` prints on rank 0. Raises UserError if no candidate loads."""
     ckpt_root = Path(ckpt_root)
+    if resume_from == "none":
+        _forget(ckpt_root, say)
+        return None
     tags = candidates(ckpt_root, resume_from)
     problems = []
     for tag in tags:
@@ -255,6 +258,18 @@ def resume(engine, ckpt_root: Path, resume_from: str, say) -> dict | None:
                         f"damaged file, or set train.resume_from=none to start over (existing checkpoints are "
                         f"replaced as the new run saves)")
     return None
+
+
+def _forget(ckpt_root: Path, say) -> None:
+    """resume_from=none in a run directory with checkpoints: they stop being this run's (no pointer names them,
+    so the new run's saves replace them instead of writing into a committed directory)."""
+    old = pointer_tag(ckpt_root)
+    if old is None:
+        return
+    say(f"megaslm: train.resume_from=none: starting at step 0; {ckpt_root} held {old}, which is no longer "
+        f"resumed from (the checkpoints there are replaced as this run saves)")
+    if dist.get_rank() == 0:
+        (ckpt_root / POINTER).unlink(missing_ok=True)
 
 
 def _try_load(engine, ckpt_root: Path, tag: str) -> tuple[dict | None, str | None]:
