@@ -18,8 +18,8 @@ optimizer's step(): by then ZeRO has reduced the gradients and computed their gl
 rank). To skip, the wrapped step() does nothing; ZeRO then copies the unchanged fp32 master weights back into the
 parameters, clears the gradients, steps the lr scheduler and counts the step as usual. Where DeepSpeed itself
 finds the gradient norm not finite (DeepSpeed 0.19.8: fp32, bf16 unless `bf16.check_grad_overflow` is false,
-any ZeRO-3), it skips the step on its own overflow path, which
-leaves the lr scheduler where it was: the guard then steps it, so that both paths advance the schedule alike.
+any ZeRO-3), it skips the step on its own overflow path, which leaves the lr scheduler where it was: the guard
+then steps it, so that both paths advance the schedule alike.
 
 Every rank reaches the same decision without a collective of its own: the loss is all-reduced by the objective
 and the gradient norm by ZeRO. The window and the counters are saved in every checkpoint (callback state
