@@ -304,4 +304,5 @@ def _settle(ckpt_root: Path, tag: str, tags: list[str], say) -> None:
     dist.barrier()  # every rank has read the pointer before rank 0 replaces it
     if dist.get_rank() == 0:
         write_text(ckpt_root / POINTER, tag)
-        say(f"megaslm: {POINTER} now names {tag} (was {newest or 'unset'}); later checkpoints are removed at the next save")
+        say(f"megaslm: {POINTER} now names {tag} (was {newest or 'unset'}); later checkpoints are removed at "
+            f"the next save")
