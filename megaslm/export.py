@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from megaslm.errors import UserError
 from megaslm.parallel.tensor import consolidate_tp_checkpoint, merge_tp_shards, read_layout
 from megaslm.train import manifest
-from megaslm.train.checkpoint import candidates
+from megaslm.train.checkpoint import candidates, list_tags
 
 PREFIX = "lm."  # TokenLossModel keeps the Hugging Face model as `.lm`
 
@@ -62,33 +62,36 @@ def find_tokenizer(run_dir: Path) -> str | None:
 
 
 def verified_tag(ckpt_root: Path, tag: str | None) -> str:
-    """The tag to export, checked against its manifest as resume checks it: the given tag, or the newest
+    """The tag to read, checked against its manifest as resume checks it: the given tag, or the newest
     checkpoint that passes (saying so on stderr when that is not the latest)."""
+    if tag is not None and not (ckpt_root / tag).is_dir():
+        raise UserError(f"{ckpt_root}: no checkpoint {tag} (have: {', '.join(list_tags(ckpt_root)) or 'none'})")
     tags = candidates(ckpt_root, tag or "latest")
     if not tags:
-        raise UserError(f"{ckpt_root}: no complete checkpoint to export")
+        raise UserError(f"{ckpt_root}: no complete checkpoint")
     problems = []
     for t in tags:
         problem = manifest.verify(ckpt_root / t)
         if problem is None:
             if problems:
-                print(f"megaslm: exporting {t}, the newest checkpoint that passes verification", file=sys.stderr)
+                print(f"megaslm: using {t}, the newest checkpoint that passes verification", file=sys.stderr)
             elif not manifest.has_manifest(ckpt_root / t):
                 print(f"megaslm: checkpoint {t} has no manifest (written before megaslm recorded them): "
-                      f"exporting it without verification", file=sys.stderr)
+                      f"reading it without verification", file=sys.stderr)
             return t
         problems.append(problem)
         print(f"megaslm: checkpoint {t} is unusable: {problem}", file=sys.stderr)
     raise UserError(f"no checkpoint in {ckpt_root} passes verification ({'; '.join(problems)})")
 
 
-def export(run_dir: str, out: str, tag: str | None = None) -> Path:
+def load_run_model(run_dir: str | Path, tag: str | None = None):
+    """(model, tag): the Hugging Face model of a run's checkpoint `tag` (default: the latest complete one), in the
+    checkpoint's fp32 master precision, on the CPU."""
     run = Path(run_dir)
     ckpt_root = run / "checkpoints"
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a megaslm run directory (no config.yaml)")
     tag = verified_tag(ckpt_root, tag)
-    info = json.loads((run / "run_info.json").read_text())
     hf_cfg = AutoConfig.from_pretrained(run / "hf_config", local_files_only=True)
     try:
         state = consolidated_state_dict(ckpt_root, tag, run)
@@ -114,6 +117,13 @@ def export(run_dir: str, out: str, tag: str | None = None) -> Path:
             fresh = type(mod)(mod.config)
             for name, buf in fresh.named_buffers(recurse=False):
                 getattr(mod, name).copy_(buf)
+    return model, tag
+
+
+def export(run_dir: str, out: str, tag: str | None = None) -> Path:
+    run = Path(run_dir)
+    model, tag = load_run_model(run, tag)
+    info = json.loads((run / "run_info.json").read_text())
     dtype = getattr(torch, info.get("dtype", "float32"))
     model = model.to(dtype)
 

@@ -201,9 +201,18 @@ def _probe_write(directory: Path) -> str | None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def list_tags(ckpt_root: Path) -> list[str]:
+    """Checkpoint tags present on disk, oldest first (complete ones are those <= the `latest_complete` tag)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and TAG_RE.fullmatch(d.name))
+
+
 def _prune(ckpt_root: Path, keep: int, current: str) -> None:
-    tags = sorted(d.name for d in ckpt_root.iterdir() if d.is_dir() and TAG_RE.fullmatch(d.name))
-    older = [t for t in tags if t < current]
+    """Keep the newest `keep` checkpoints; keep == 0 keeps all of them (for `megaslm analyze dynamics`)."""
+    tags = list_tags(ckpt_root)
+    older = [t for t in tags if t < current] if keep > 0 else []
     for t in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(ckpt_root / t, ignore_errors=True)
     for t in tags:  # a tag newer than the committed one is a crashed or abandoned save: it is garbage
@@ -220,16 +229,13 @@ def candidates(ckpt_root: Path, resume_from: str) -> list[str]:
         return []
     if resume_from != "latest":
         if not (ckpt_root / resume_from).is_dir():
-            have = sorted(d.name for d in ckpt_root.glob("step_*") if d.is_dir()) if ckpt_root.is_dir() else []
             raise UserError(f"train.resume_from: no checkpoint {resume_from} in {ckpt_root} "
-                            f"(have: {', '.join(have) or 'none'}; or use latest / none)")
+                            f"(have: {', '.join(list_tags(ckpt_root)) or 'none'}; or use latest / none)")
         return [resume_from]
     newest = pointer_tag(ckpt_root)
     if newest is None:
         return []
-    older = sorted((d.name for d in ckpt_root.iterdir() if d.is_dir() and TAG_RE.fullmatch(d.name)
-                    and d.name < newest), reverse=True)
-    return [newest, *older]
+    return [newest, *sorted((t for t in list_tags(ckpt_root) if t < newest), reverse=True)]
 
 
 def resume(engine, ckpt_root: Path, resume_from: str, say) -> dict | None:

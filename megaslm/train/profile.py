@@ -21,18 +21,18 @@ TOP_OPS = 15
 
 
 class StepProfiler(Callback):
-    def __init__(self, first: int, last: int, out_dir: Path, enabled: bool):
+    def __init__(self, first: int, last: int):
         self.first, self.last = first, last
-        self.out_dir = Path(out_dir)
-        self.enabled = enabled
+        self.out_dir: Path | None = None
         self.prof = None
         self.started_at = None
         self.step_range = None
 
     def pre_step(self, trainer) -> None:
         step = trainer.step + 1
-        if not self.enabled or not self.first <= step <= self.last:
+        if not trainer.is_main or not self.first <= step <= self.last:
             return
+        self.out_dir = trainer.run_dir / "profile"
         if self.prof is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():

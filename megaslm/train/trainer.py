@@ -216,8 +216,7 @@ class Trainer:
         self.ds_config, self.lm_config, self.summary = self.model.ds_config, self.model.hf_config, self.model.summary
         self.reference = build_reference(cfg, self.data, g, self.dtype)
         self.guard = SkipGuard(cfg.train.max_skipped_steps, cfg.train.spike_skip_sigma, cfg.train.spike_window)
-        self.callbacks: list[Callback] = [self.guard, *side_callbacks(cfg, self.run_dir, self.is_main),
-                                          *(callbacks or [])]
+        self.callbacks: list[Callback] = [self.guard, *(callbacks or [])]
 
         # Resume.
         self.step = 0
@@ -396,19 +395,22 @@ def _console_line(rec: dict, total: int) -> str:
     return " | ".join(parts)
 
 
-def side_callbacks(cfg: Config, run_dir: Path, is_main: bool) -> list[Callback]:
-    """The callbacks the config asks for (besides the skip guard every run has)."""
-    out: list[Callback] = []
+def config_callbacks(cfg: Config) -> list[Callback]:
+    """The callbacks the config asks for."""
+    callbacks: list[Callback] = []
+    if cfg.train.token_view_every:
+        from megaslm.analyze.token_view import TokenView
+
+        callbacks.append(TokenView(cfg.train.token_view_every))
     if cfg.train.profile_steps:
         from megaslm.train.profile import StepProfiler
 
-        first, last = cfg.train.profile_steps
-        out.append(StepProfiler(first, last, run_dir / "profile", is_main))
-    return out
+        callbacks.append(StepProfiler(*cfg.train.profile_steps))
+    return callbacks
 
 
 def train(cfg: Config) -> int:
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, config_callbacks(cfg))
     code = trainer.run()
     dist.barrier()
     return code

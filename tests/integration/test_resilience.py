@@ -66,7 +66,7 @@ def test_damaged_latest_checkpoint_falls_back_and_matches_uninterrupted_run(tmp_
     # export verifies the same way: it names the file and exports the newest checkpoint that passes.
     res = run_cli("export", str(run), "--out", str(tmp_path / "hf"), check=True)
     assert f"checkpoint step_00000006 is unusable: {damaged}" in res.stderr
-    assert "exporting step_00000004" in res.stderr
+    assert "using step_00000004, the newest checkpoint that passes" in res.stderr
     assert json.loads((tmp_path / "hf" / "megaslm_export.json").read_text())["tag"] == "step_00000004"
 
     cfg = write_config(tmp_path / "damaged.yaml", config(run, tiny_data))
