@@ -55,6 +55,8 @@ def child(variant: str, tokens: int, hidden_size: int, vocab: int, threads: int,
             loss = F.cross_entropy(h @ w.t(), y, reduction="none")
         elif variant == "keep":
             loss = per_token_ce(h, w, y, keep_bytes=4 * h.shape[0] * w.shape[0])
+        elif variant.startswith("b"):
+            loss = per_token_ce(h, w, y, vocab_block=int(variant[1:]))
         else:
             loss = per_token_ce(h, w, y, chunk_size=None if variant == "auto" else int(variant))
         (loss * g).sum().backward()
@@ -78,7 +80,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--chunks", nargs="+", default=["auto", "keep"],
-                    help="per_token_ce variants: 'auto' (defaults), 'keep' (memory for speed), or a chunk size")
+                    help="per_token_ce variants: 'auto' (defaults), 'keep' (memory for speed), a chunk size (tokens), "
+                         "or bN (vocab_block N)")
     ap.add_argument("--select", type=float, nargs="+", default=[1.0, 0.6],
                     help="fractions of tokens with a nonzero gradient")
     ap.add_argument("--rounds", type=int, default=3)
@@ -118,7 +121,7 @@ def main() -> None:
             naive = med["naive"]
             for v in variants:
                 r = med[v]
-                name = v if v in ("naive", "keep") else f"chunk {v}"
+                name = v if v in ("naive", "keep", "auto") or v.startswith("b") else f"chunk {v}"
                 print(f"{tokens:>7} {select:>6.2f} {name:>12} {r['peak_extra_mib']:>9.0f} {r['time_s']:>7.2f} "
                       f"{(r['peak_extra_mib'] - wgrad_mib) / logits_mib:>23.3f} "
                       f"{r['peak_extra_mib'] / naive['peak_extra_mib']:>12.2f}x "
