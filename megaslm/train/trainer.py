@@ -142,7 +142,10 @@ class Trainer:
         tp.check_model_config(lm.config, g.tp_size, f"model {cfg.model.init_from or cfg.model.preset}")
         self.summary = model_summary(lm)  # before AutoTP: the full (unsharded) parameter count
         self.lm_config = lm.config
-        model = TokenLossModel(lm, tp_group=g.tp_group, zero3=zero_stage(self.ds_config) == 3)
+        head = cfg.loss_head
+        model = TokenLossModel(lm, tp_group=g.tp_group, chunk_size=head.chunk_tokens,
+                               zero3=zero_stage(self.ds_config) == 3, vocab_block=head.vocab_block,
+                               keep_bytes=int(head.keep_logits_mib * 2**20))
         sched = make_scheduler(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=self.ds_config,
