@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from megaslm.parallel import dist as mdist
 from megaslm.parallel import tensor as tp
 from megaslm.parallel.groups import ParallelGroups
 from megaslm.train import checkpoint
+from megaslm.train.callbacks import Callback, callback_states, load_callback_states
 from megaslm.train.faults import maybe_fail
 from megaslm.train.preempt import Preemption
 from megaslm.train.schedule import make_scheduler
@@ -89,10 +91,100 @@ def slurm_info() -> dict:
     return {k.lower(): os.environ[k] for k in keys if k in os.environ}
 
 
-class Trainer:
-    def __init__(self, cfg: Config):
-        import deepspeed
+@dataclass
+class Data:
+    """The shard sets of a run and the model vocabulary they fix."""
+    train: ShardSet
+    valid: ShardSet | None
+    vocab: int
 
+
+def build_data(cfg: Config) -> Data:
+    """Open and cross-check the shard sets; the model's vocabulary follows the shards unless the config sets it."""
+    train = ShardSet(cfg.data.train)
+    vocab = cfg.model.vocab_size or train.vocab_size
+    check_compatible(train, vocab, None, f"model {cfg.model.init_from or cfg.model.preset}")
+    valid = None
+    if cfg.data.valid:
+        valid = ShardSet(cfg.data.valid)
+        check_compatible(valid, vocab, train.fingerprint, f"training shards {cfg.data.train}")
+    return Data(train, valid, vocab)
+
+
+def make_loader(cfg: Config, shards: ShardSet, groups: ParallelGroups, *, train: bool) -> PackedLoader:
+    """The one place loaders are made: the training loader (seeded order, per-source ids when tracked) or an
+    evaluation loader (fixed order)."""
+    return PackedLoader(shards, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank=groups.dp_rank,
+                        dp_size=groups.dp_size, seed=cfg.train.seed if train else 0,
+                        with_source=train and cfg.data.track_sources, eval_only=not train)
+
+
+@dataclass
+class Model:
+    """The trained model's engine and what the run records about it."""
+    engine: object
+    scheduler: object
+    ds_config: dict
+    hf_config: object
+    summary: dict
+    tp_layout: dict | None
+
+
+def build_model(cfg: Config, data: Data, groups: ParallelGroups, ds_base: dict, dtype: torch.dtype) -> Model:
+    """The Hugging Face model wrapped with the loss head, as a DeepSpeed training engine."""
+    import deepspeed
+
+    mpu = groups if groups.tp_size > 1 else None
+    ds_config = build_ds_config(cfg, ds_base, groups.dp_size, dtype)
+    if groups.tp_size > 1:
+        ds_config["tensor_parallel"] = tp.autotp_section(groups.tp_size)
+    lm = create_model(preset=cfg.model.preset, init_from=cfg.model.init_from, vocab_size=data.vocab,
+                      ds_config=ds_config, dtype=dtype, eos_id=data.train.eos_id, mpu=mpu)
+    if cfg.model.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tp.check_model_config(lm.config, groups.tp_size, f"model {cfg.model.init_from or cfg.model.preset}")
+    summary = model_summary(lm)  # before AutoTP: the full (unsharded) parameter count
+    head = cfg.loss_head
+    model = TokenLossModel(lm, tp_group=groups.tp_group, chunk_size=head.chunk_tokens,
+                           zero3=zero_stage(ds_config) == 3, vocab_block=head.vocab_block,
+                           keep_bytes=int(head.keep_logits_mib * 2**20))
+    sched = make_scheduler(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
+        lr_scheduler=sched, mpu=mpu)
+    layout = None
+    if groups.tp_size > 1:  # which parameters AutoTP split, and how: export merges the shards with it
+        layout = tp.capture_layout(engine.module.lm, lm.config, groups.tp_group)
+        tp.check_vocab_head(engine.module.lm, layout, groups.tp_group)
+    return Model(engine, scheduler, ds_config, lm.config, summary, layout)
+
+
+def build_reference(cfg: Config, data: Data, groups: ParallelGroups, dtype: torch.dtype):
+    """The SLM reference (online engine or on-disk cache, one interface), or None for objectives without one."""
+    if cfg.objective != "slm":
+        return None
+    from megaslm.reference import make_reference
+
+    return make_reference(cfg, shards=data.train, vocab_size=data.vocab, dtype=dtype,
+                          micro_batch_size=cfg.train.micro_batch_size, dp_size=groups.dp_size,
+                          mpu=groups if groups.tp_size > 1 else None, tp_group=groups.tp_group,
+                          tp_size=groups.tp_size)
+
+
+def write_run_files(run_dir: Path, cfg: Config, run_info: dict, model: Model) -> None:
+    """Rank 0: the resolved config, run_info.json, the DeepSpeed config, the TP layout and the HF config."""
+    dump_config(cfg, run_dir / "config.yaml")
+    write_json(run_dir / "run_info.json", run_info)
+    write_json(run_dir / "ds_config.json", model.ds_config)
+    if model.tp_layout is not None:
+        tp.write_layout(run_dir, model.tp_layout)
+    else:  # a stale layout would make export split a T = 1 checkpoint
+        (run_dir / tp.LAYOUT_FILE).unlink(missing_ok=True)
+    model.hf_config.save_pretrained(run_dir / "hf_config")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, callbacks: list[Callback] | None = None):
         self.cfg = cfg
         # First: a stop signal that arrives while the engines are built is honoured after the first step.
         self.preemption = Preemption()
@@ -103,7 +195,7 @@ class Trainer:
         tp.check_parallel_setup(cfg.parallel.tensor, self.world, zero_stage(ds_base),
                                 f"deepspeed.config {cfg.deepspeed.config}",
                                 "use a ZeRO-1 or ZeRO-2 config (e.g. ds_configs/zero2.json) or parallel.tensor=1")
-        self.groups = ParallelGroups(cfg.parallel.tensor)
+        self.groups = g = ParallelGroups(cfg.parallel.tensor)
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.run.dir).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -116,52 +208,14 @@ class Trainer:
         self.dtype = training_dtype(cfg)
         self.device = mdist.device()
 
-        # Data: the model's vocabulary follows the shards unless the config sets it.
-        self.train_shards = ShardSet(cfg.data.train)
-        vocab = cfg.model.vocab_size or self.train_shards.vocab_size
-        check_compatible(self.train_shards, vocab, None, f"model {cfg.model.init_from or cfg.model.preset}")
-        self.valid_shards = None
-        if cfg.data.valid:
-            self.valid_shards = ShardSet(cfg.data.valid)
-            check_compatible(self.valid_shards, vocab, self.train_shards.fingerprint,
-                             f"training shards {cfg.data.train}")
-        g = self.groups
-        self.loader = PackedLoader(self.train_shards, cfg.train.seq_len, cfg.train.micro_batch_size,
-                                   dp_rank=g.dp_rank, dp_size=g.dp_size, seed=cfg.train.seed,
-                                   with_source=cfg.data.track_sources)
-
-        # Model and engine.
-        mpu = g if g.tp_size > 1 else None
-        self.ds_config = build_ds_config(cfg, ds_base, g.dp_size, self.dtype)
-        if g.tp_size > 1:
-            self.ds_config["tensor_parallel"] = tp.autotp_section(g.tp_size)
-        lm = create_model(preset=cfg.model.preset, init_from=cfg.model.init_from, vocab_size=vocab,
-                          ds_config=self.ds_config, dtype=self.dtype, eos_id=self.train_shards.eos_id, mpu=mpu)
-        if cfg.model.activation_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        tp.check_model_config(lm.config, g.tp_size, f"model {cfg.model.init_from or cfg.model.preset}")
-        self.summary = model_summary(lm)  # before AutoTP: the full (unsharded) parameter count
-        self.lm_config = lm.config
-        head = cfg.loss_head
-        model = TokenLossModel(lm, tp_group=g.tp_group, chunk_size=head.chunk_tokens,
-                               zero3=zero_stage(self.ds_config) == 3, vocab_block=head.vocab_block,
-                               keep_bytes=int(head.keep_logits_mib * 2**20))
-        sched = make_scheduler(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=self.ds_config,
-            lr_scheduler=sched, mpu=mpu)
-        if g.tp_size > 1:  # which parameters AutoTP split, and how: export merges the shards with it
-            self.tp_layout = tp.capture_layout(self.engine.module.lm, self.lm_config, g.tp_group)
-            tp.check_vocab_head(self.engine.module.lm, self.tp_layout, g.tp_group)
-
-        self.reference = None
-        if cfg.objective == "slm":
-            from megaslm.reference import make_reference
-
-            # Online (a second engine in these processes) or cached on disk by `megaslm score`: one interface.
-            self.reference = make_reference(cfg, shards=self.train_shards, vocab_size=vocab, dtype=self.dtype,
-                                            micro_batch_size=cfg.train.micro_batch_size, dp_size=g.dp_size,
-                                            mpu=mpu, tp_group=g.tp_group, tp_size=g.tp_size)
+        self.data = build_data(cfg)
+        self.train_shards, self.valid_shards = self.data.train, self.data.valid
+        self.loader = make_loader(cfg, self.data.train, g, train=True)
+        self.model = build_model(cfg, self.data, g, ds_base, self.dtype)
+        self.engine, self.scheduler = self.model.engine, self.model.scheduler
+        self.ds_config, self.lm_config, self.summary = self.model.ds_config, self.model.hf_config, self.model.summary
+        self.reference = build_reference(cfg, self.data, g, self.dtype)
+        self.callbacks: list[Callback] = list(callbacks or [])
 
         # Resume.
         self.step = 0
@@ -169,6 +223,7 @@ class Trainer:
         if state is not None:
             self.step = int(state["step"])
             self.loader.load_state_dict(state["loader"])
+            load_callback_states(self.callbacks, state.get("callbacks"))
         self.resumed_from = state["tag"] if state else None
 
         self.run_info = {"world_size": self.world, "dp_size": g.dp_size, "tp_size": g.tp_size,
@@ -177,14 +232,7 @@ class Trainer:
                          "slurm": slurm_info(), "tokenizer_fingerprint": self.train_shards.fingerprint,
                          "reference_placement": self.reference.placement if self.reference else None}
         if self.is_main:
-            dump_config(cfg, self.run_dir / "config.yaml")
-            write_json(self.run_dir / "run_info.json", self.run_info)
-            write_json(self.run_dir / "ds_config.json", self.ds_config)
-            if g.tp_size > 1:
-                tp.write_layout(self.run_dir, self.tp_layout)
-            else:  # a stale layout would make export split a T = 1 checkpoint
-                (self.run_dir / tp.LAYOUT_FILE).unlink(missing_ok=True)
-            self.lm_config.save_pretrained(self.run_dir / "hf_config")
+            write_run_files(self.run_dir, cfg, self.run_info, self.model)
         self.monitor = Monitor(str(self.run_dir), cfg, self.is_main, self.step,
                                {**cfg.to_dict(), "run_info": self.run_info})
 
@@ -216,6 +264,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         self.engine.train()
+        for cb in self.callbacks:
+            cb.pre_step(self)
         t0 = time.time()
         per_micro = [self._micro_step(self.loader.next_batch()) for _ in range(self.cfg.train.grad_accum)]
         if torch.cuda.is_available():
@@ -236,6 +286,8 @@ class Trainer:
             rec["selected_tokens_per_s"] = rec["n_selected"] / dt
         rec["tokens_seen"] = self.step * self.tokens_per_step
         rec["epoch"] = self.loader.state_dict().get("epoch", 0)
+        for cb in self.callbacks:
+            cb.post_step(self, rec)
         return rec
 
     @torch.no_grad()
@@ -243,8 +295,7 @@ class Trainer:
         if self.valid_shards is None:
             return None
         self.engine.eval()
-        loader = PackedLoader(self.valid_shards, self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
-                              dp_rank=self.groups.dp_rank, dp_size=self.groups.dp_size, seed=0, eval_only=True)
+        loader = make_loader(self.cfg, self.valid_shards, self.groups, train=False)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in loader.eval_batches(self.cfg.data.valid_sequences):
             labels = batch["labels"].to(self.device)
@@ -256,7 +307,8 @@ class Trainer:
         return (total[0] / total[1]).item() if total[1] > 0 else None
 
     def save(self) -> None:
-        state = {"step": self.step, "loader": self.loader.state_dict(), "objective": self.cfg.objective}
+        state = {"step": self.step, "loader": self.loader.state_dict(), "objective": self.cfg.objective,
+                 "callbacks": callback_states(self.callbacks)}
         checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ the loop
@@ -268,6 +320,8 @@ class Trainer:
                   f"tp {self.groups.tp_size}), {self.summary['arch']} {self.summary['params'] / 1e6:.2f}M params, "
                   f"objective {cfg.objective}, ZeRO-{zero_stage(self.ds_config)}, {self.run_info['dtype']}, "
                   f"run dir {self.run_dir}", flush=True)
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         saved_at = self.step
         while self.step < t.steps:
             rec = self.train_step()
@@ -285,15 +339,20 @@ class Trainer:
             if stop.item() > 0:
                 if self.is_main:
                     print(f"megaslm: stop signal received: checkpoint saved at step {self.step}", flush=True)
-                self.monitor.close()
+                self._end()
                 return self.preemption.after_checkpoint(self.is_main)
         if saved_at != self.step:  # a resumed run that had already finished
             self.save()
         if self.is_main:
             print(f"megaslm: done at step {self.step}; checkpoints in {self.ckpt_root}; metrics in "
                   f"{self.run_dir / 'metrics.jsonl'}", flush=True)
-        self.monitor.close()
+        self._end()
         return 0
+
+    def _end(self) -> None:
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        self.monitor.close()
 
 
 def _average_stats(per_micro: list[dict]) -> dict:
