@@ -30,14 +30,19 @@ SYNCS = ("item", "tolist", "__bool__", "nonzero")
 
 
 def _caller() -> str:
-    """The innermost megaslm function on the stack (else 'deepspeed' / 'other')."""
+    """Who issued the call: the innermost megaslm function on the stack, or DeepSpeed (and from which megaslm
+    function) when DeepSpeed code sits between the two."""
     import traceback
 
-    frames = traceback.extract_stack()[:-3]
+    frames = traceback.extract_stack()[:-2]  # drop this function and the counting wrapper
+    deepspeed = False
     for f in reversed(frames):
-        if "/megaslm/" in f.filename and "count_step_syncs" not in f.filename:
-            return f"megaslm {Path(f.filename).stem}.{f.name}"
-    return "deepspeed" if any("/deepspeed/" in f.filename for f in frames) else "other"
+        if "/deepspeed/" in f.filename:
+            deepspeed = True
+        elif "/megaslm/" in f.filename:
+            where = f"{Path(f.filename).stem}.{f.name}"
+            return f"deepspeed, under megaslm {where}" if deepspeed else f"megaslm {where}"
+    return "deepspeed" if deepspeed else "other"
 
 
 def worker(out: str, argv: list[str]) -> None:
