@@ -34,7 +34,10 @@ def cmd_train(a) -> int:
     from megaslm.config import load_config
 
     cfg = load_config(a.config, a.overrides)
+    from megaslm.preflight import check_config
     from megaslm.train.trainer import main_entry
+
+    check_config(cfg)  # before any process group or engine: refuse what cannot run
 
     return main_entry(cfg)
 
@@ -59,10 +62,75 @@ def cmd_score(a) -> int:
     return score.run(a)
 
 
+def cmd_plan(a) -> int:
+    from megaslm import plan
+
+    return plan.run(a)
+
+
 def cmd_demo(a) -> int:
     from megaslm.demo import run_demo
 
     return run_demo(a.out, quick=a.quick, steps=a.steps)
+
+
+def cmd_analyze_tokens(a) -> int:
+    from megaslm.analyze.tokens import analyze_tokens
+
+    s = analyze_tokens(a.model, a.reference, a.data, a.out, text_field=a.text_field, docs=a.docs,
+                       seq_len=a.seq_len, ratio=a.ratio, batch_size=a.batch_size)
+    for name, v in s["sources"].items():
+        print(f"{name}: {v['tokens']} tokens, selected {v['selected_frac']:.3f}, loss {v['mean_loss']:.4f}, "
+              f"ref_loss {v['mean_ref_loss']:.4f}")
+    print(f"wrote {a.out}/tokens.html and tokens.jsonl ({s['all']['tokens']} tokens, {s['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_analyze_dynamics(a) -> int:
+    from megaslm.analyze.dynamics import analyze_dynamics
+
+    s = analyze_dynamics(a.run_dir, a.data, a.out, reference=a.reference, n_tokens=a.tokens,
+                         threshold=a.threshold, ratio=a.ratio, text_field=a.text_field, batch_size=a.batch_size)
+    print(f"threshold {s['threshold']:.4f} nats; " + ", ".join(f"{c} {n}" for c, n in s["counts"].items()))
+    print(f"wrote {a.out}/dynamics.csv and dynamics.png ({len(s['steps'])} checkpoints, {s['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from megaslm.report import build_report
+
+    path = build_report(a.run_dirs, a.out)["path"]
+    print(f"report written to {path}")
+    return 0
+
+
+def _add_analyze(sub) -> None:
+    an = sub.add_parser("analyze", help="look at the selection: per-token view, token-loss dynamics")
+    asub = an.add_subparsers(dest="analyze_command", metavar="ACTION")
+    asub.required = True
+    at = asub.add_parser("tokens", help="score documents with a model and a reference: tokens.html, tokens.jsonl")
+    at.add_argument("--model", required=True, help="Hugging Face directory or megaslm run directory")
+    at.add_argument("--reference", required=True, help="Hugging Face directory or megaslm run directory")
+    at.add_argument("--data", nargs="+", required=True, help="a shard directory, or .txt/.jsonl/.parquet files")
+    at.add_argument("--text-field", default="text")
+    at.add_argument("--docs", type=int, default=20, help="documents per source (default 20)")
+    at.add_argument("--seq-len", type=int, default=256, help="window length in tokens (default 256)")
+    at.add_argument("--ratio", type=float, default=0.6, help="fraction of tokens selected (default 0.6)")
+    at.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    at.add_argument("--out", required=True)
+    at.set_defaults(func=cmd_analyze_tokens)
+    ad = asub.add_parser("dynamics", help="token losses of a held-out sample at every checkpoint of a run")
+    ad.add_argument("run_dir")
+    ad.add_argument("--data", nargs="+", required=True, help="held-out shard directory or text files")
+    ad.add_argument("--reference", default=None, help="reference model: adds the selected fraction per category")
+    ad.add_argument("--tokens", type=int, default=8192, help="tokens in the sample (default 8192)")
+    ad.add_argument("--threshold", type=float, default=None,
+                    help="loss (nats) between L and H (default: the mean loss at the last checkpoint)")
+    ad.add_argument("--ratio", type=float, default=None, help="selection ratio (default: the run's slm.ratio)")
+    ad.add_argument("--text-field", default="text")
+    ad.add_argument("--batch-size", type=int, default=8)
+    ad.add_argument("--out", required=True)
+    ad.set_defaults(func=cmd_analyze_dynamics)
 
 
 def _has_cuda() -> bool:
@@ -124,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     score.add_arguments(sc)
     sc.set_defaults(func=cmd_score)
+
+    _add_analyze(sub)
+    rp = sub.add_parser("report", help="report.md and PNG plots from runs' metrics.jsonl")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", required=True)
+    rp.set_defaults(func=cmd_report)
+
+    pl = sub.add_parser("plan", help="memory per device, FLOPs, time and GPU-hours of a config, without running it")
+    from megaslm import plan
+
+    plan.add_arguments(pl)
+    pl.set_defaults(func=cmd_plan)
 
     de = sub.add_parser("demo", help="the Rho-1 experiment on CPU with text that ships on this machine")
     de.add_argument("--out", default="demo_run", help="output directory (default ./demo_run)")

@@ -62,9 +62,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0: keep all (what `megaslm analyze dynamics` reads)
     eval_every: int = 0  # 0: only at the end (if data.valid is set)
     log_every: int = 1
+    token_view_every: int = 0  # 0: off; else log the token view of a fixed held-out sample every N steps
     peak_tflops: float | None = None  # per device, for MFU; default from a table of known GPUs
 
 
@@ -233,13 +234,13 @@ def validate(cfg: Config, src: str = "config") -> Config:
     for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise bad(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
-    for name in ("save_every", "eval_every", "warmup_steps"):
+    for name in ("save_every", "eval_every", "warmup_steps", "token_view_every"):
         if getattr(t, name) < 0:
             raise bad(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     if t.log_every < 1:
         raise bad("train.log_every", f"must be >= 1, got {t.log_every}")
-    if t.keep_checkpoints < 1:
-        raise bad("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    if t.keep_checkpoints < 0:
+        raise bad("train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
     if not t.lr > 0:
         raise bad("train.lr", f"must be > 0, got {t.lr}")
     if not 0 <= t.min_lr_ratio <= 1:

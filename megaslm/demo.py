@@ -4,8 +4,9 @@
    -> export it to a Hugging Face directory;
 2. noisy corpus (more clean prose, disjoint, mixed with Debian changelogs) -> a CLM baseline and an SLM model from
    the same init, on the same token order and budget;
-3. held-out loss on clean text for both over training, the selected fraction per source, a PNG plot and a
-   markdown report in the output directory.
+3. `megaslm analyze tokens` (final SLM model vs the reference on the noisy corpus) and `megaslm analyze dynamics`
+   (every SLM checkpoint) under analysis/; `megaslm report` over the three runs: report.md, val_loss.png and the
+   other plots in the output directory.
 Every training run uses the real DeepSpeed engine (ZeRO-2) across 2 processes over gloo.
 """
 
@@ -23,9 +24,11 @@ import yaml
 from megaslm.parallel.dist import free_port
 
 FULL = dict(clean_bytes=2_000_000, noisy_bytes=3_000_000, valid_bytes=200_000, vocab=2000, seq_len=128,
-            micro_batch=8, ref_steps=200, steps=200, eval_every=20, valid_sequences=64)
+            micro_batch=8, ref_steps=200, steps=200, eval_every=20, valid_sequences=64, analyze_docs=10,
+            dynamics_tokens=16384)
 QUICK = dict(clean_bytes=300_000, noisy_bytes=400_000, valid_bytes=60_000, vocab=1000, seq_len=64,
-             micro_batch=4, ref_steps=20, steps=20, eval_every=10, valid_sequences=16)
+             micro_batch=4, ref_steps=20, steps=20, eval_every=10, valid_sequences=16, analyze_docs=5,
+             dynamics_tokens=4096)
 
 
 def _say(msg: str) -> None:
@@ -102,88 +105,82 @@ def run_demo(out: str = "demo_run", quick: bool = False, steps: int | None = Non
     _say(f"5/6 step 3 of Rho-1: CLM baseline and SLM (ratio 0.6) on the noisy corpus ({p['steps']} steps each)")
     common = dict(data__train=str(shards / "noisy"), data__track_sources=True, train__steps=p["steps"])
     _train(cfg("baseline_clm", **common), root / "baseline_clm.yaml")
-    slm_cfg = {**cfg("slm", **common), "objective": "slm", "slm": {"ratio": 0.6, "scope": "global"},
+    # The SLM run keeps a checkpoint every fifth of the run for `megaslm analyze dynamics`.
+    slm_cfg = {**cfg("slm", **common, train__keep_checkpoints=0, train__save_every=max(1, p["steps"] // 5)),
+               "objective": "slm", "slm": {"ratio": 0.6, "scope": "global"},
                "reference": {"path": str(ref_dir), "placement": "auto"}}
     _train(slm_cfg, root / "slm.yaml")
     _megaslm("export", str(root / "runs" / "slm"), "--out", str(root / "slm_hf"))
 
-    _say("6/6 writing the report")
-    report = write_report(root, p, time.time() - t_start)
+    _say("6/6 looking at the selection (megaslm analyze) and writing the report (megaslm report)")
+    report = write_report(root, p, time.time() - t_start, _analyze(root, p))
     _say(f"done in {time.time() - t_start:.0f} s. Report: {report}")
     _say(f"plot: {root / 'val_loss.png'}; runs: {root / 'runs'}; exported SLM model: {root / 'slm_hf'}")
     return 0
 
 
-def write_report(root: Path, p: dict, elapsed: float) -> Path:
-    runs = {name: _read_metrics(root / "runs" / name) for name in ("reference", "baseline_clm", "slm")}
-    val = {name: [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
-           for name, recs in runs.items()}
-    meta = json.loads((root / "shards" / "noisy" / "meta.json").read_text())
-    sources = [Path(s).name for s in meta["sources"]]
-    slm = runs["slm"]
-    per_source = {}
-    for i, name in enumerate(sources):
-        fr = [r[f"selected_frac/{i}"] for r in slm if r.get(f"selected_frac/{i}") is not None]
-        if fr:
-            per_source[name] = sum(fr) / len(fr)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, label in (("baseline_clm", "CLM baseline (noisy corpus)"), ("slm", "SLM, ratio 0.6 (noisy corpus)"),
-                        ("reference", "reference (clean corpus)")):
-        if val[name]:
-            xs, ys = zip(*val[name])
-            ax.plot(xs, ys, marker="o", ms=3, label=label, ls="--" if name == "reference" else "-")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out loss on clean text (nats/token)")
-    ax.set_title("megaslm demo: Rho-1 selective LM vs plain CLM")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "val_loss.png", dpi=120)
-
+def _demo_preface(root: Path, p: dict, val: dict, elapsed: float, analysis: dict) -> list[str]:
     def final(name):
         return val[name][-1][1] if val[name] else float("nan")
-
-    def mean_of(recs, key):
-        xs = [r[key] for r in recs if r.get(key) is not None]
-        return sum(xs) / len(xs) if xs else float("nan")
 
     b, s = final("baseline_clm"), final("slm")
     verdict = ("lower" if s < b else "higher") + f" than the baseline's by {abs(b - s):.4f} nats/token"
     lines = [
-        "# megaslm demo: Rho-1 on a CPU", "",
         f"Wall time {elapsed:.0f} s. Tiny Llama ({p['seq_len']} tokens/sequence, micro-batch {p['micro_batch']} x 2 "
         f"processes, ZeRO-2, gloo). Reference: {p['ref_steps']} steps on clean prose; CLM and SLM: {p['steps']} "
         "steps each on the noisy corpus, same init and same token order.", "",
         "## Held-out loss on clean text (lower is better)", "",
-        "| step | " + " | ".join(n for n in ("baseline_clm", "slm")) + " |", "|---|---|---|",
+        "| step | baseline_clm | slm |", "|---|---|---|",
     ]
     steps_b = dict(val["baseline_clm"])
-    for st, v in val["slm"]:
-        lines.append(f"| {st} | {steps_b.get(st, float('nan')):.4f} | {v:.4f} |")
+    lines += [f"| {st} | {steps_b.get(st, float('nan')):.4f} | {v:.4f} |" for st, v in val["slm"]]
     lines += ["", f"Final: CLM baseline {b:.4f}, SLM {s:.4f}: SLM is {verdict}. "
-              f"Reference model on the same held-out text: {final('reference'):.4f}.", "",
-              "## What SLM selected (training tokens, mean over steps)", "",
-              "| source | selected fraction |", "|---|---|"]
-    for name, fr in per_source.items():
-        lines.append(f"| {name} | {fr:.3f} |")
-    lines += ["", f"Mean over SLM steps: loss on selected tokens {mean_of(slm, 'loss_selected'):.4f}, on all tokens "
-              f"{mean_of(slm, 'loss_all'):.4f}, on unselected tokens {mean_of(slm, 'loss_unselected'):.4f}, "
-              f"reference loss {mean_of(slm, 'ref_loss'):.4f}, threshold {mean_of(slm, 'threshold'):.4f}.", "",
-              "Step time (s/step, mean): CLM " f"{mean_of(runs['baseline_clm'], 'step_time'):.3f}, SLM "
-              f"{mean_of(slm, 'step_time'):.3f}.", "",
-              "![held-out loss](val_loss.png)", "",
-              "These are figures from one short run of a ~1M-parameter model; read them as a smoke test of the "
-              "pipeline, not as evidence about Rho-1 at scale."]
-    path = root / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    (root / "report.json").write_text(json.dumps({"val": val, "per_source_selected": per_source,
-                                                   "final": {"baseline_clm": b, "slm": s,
-                                                             "reference": final("reference")},
+              f"Reference model on the same held-out text: {final('reference'):.4f}.", ""]
+    tok = analysis.get("tokens")
+    if tok:
+        lines += ["## Which tokens the reference rejects (`megaslm analyze tokens`, final SLM model)", "",
+                  "| source | tokens | selected fraction | mean loss | mean ref loss |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {v['tokens']} | {v['selected_frac']:.3f} | {v['mean_loss']:.4f} | "
+                  f"{v['mean_ref_loss']:.4f} |" for name, v in tok["sources"].items()]
+        lines += ["", "Every token, coloured by excess loss: [analysis/tokens/tokens.html](analysis/tokens/tokens.html).",
+                  ""]
+    dyn = analysis.get("dynamics")
+    if dyn:
+        lines += ["## Token-loss dynamics of the SLM run (`megaslm analyze dynamics`)", "",
+                  f"Threshold {dyn['threshold']:.3f} nats; tokens per category: "
+                  + ", ".join(f"{c} {n}" for c, n in dyn["counts"].items()) + ".", "",
+                  "![dynamics](analysis/dynamics/dynamics.png)", ""]
+    lines += ["These are figures from one short run of a ~1M-parameter model; read them as a smoke test of the "
+              "pipeline, not as evidence about Rho-1 at scale.", ""]
+    return lines
+
+
+def _analyze(root: Path, p: dict) -> dict:
+    """`megaslm analyze tokens` and `analyze dynamics` on the demo's runs (their pages go under analysis/)."""
+    from megaslm.analyze.dynamics import analyze_dynamics
+    from megaslm.analyze.tokens import analyze_tokens
+
+    out = root / "analysis"
+    tokens = analyze_tokens(str(root / "slm_hf"), str(root / "reference_hf"), [str(root / "shards" / "noisy")],
+                            str(out / "tokens"), docs=p["analyze_docs"], seq_len=p["seq_len"], ratio=0.6)
+    dynamics = analyze_dynamics(str(root / "runs" / "slm"), [str(root / "shards" / "valid")], str(out / "dynamics"),
+                                reference=str(root / "reference_hf"), n_tokens=p["dynamics_tokens"])
+    return {"tokens": tokens, "dynamics": dynamics}
+
+
+def write_report(root: Path, p: dict, elapsed: float, analysis: dict | None = None) -> Path:
+    """report.md, the plots (val_loss.png among them) and report.json, built by `megaslm report`."""
+    from megaslm.report import build_report
+
+    runs = {name: _read_metrics(root / "runs" / name) for name in ("reference", "baseline_clm", "slm")}
+    val = {name: [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+           for name, recs in runs.items()}
+    preface = _demo_preface(root, p, val, elapsed, analysis or {})
+    built = build_report([str(root / "runs" / n) for n in ("baseline_clm", "slm", "reference")], str(root),
+                         title="megaslm demo: Rho-1 on a CPU", preface=preface)
+    per_source = built["runs"]["slm"]["per_source_selected"]
+    final = {name: (v[-1][1] if v else float("nan")) for name, v in val.items()}
+    (root / "report.json").write_text(json.dumps({**json.loads((root / "report.json").read_text()), "val": val,
+                                                   "per_source_selected": per_source, "final": final,
                                                    "elapsed_s": elapsed}, indent=2))
-    return path
+    return built["path"]

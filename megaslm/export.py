@@ -59,15 +59,16 @@ def find_tokenizer(run_dir: Path) -> str | None:
     return None
 
 
-def export(run_dir: str, out: str, tag: str | None = None) -> Path:
+def load_run_model(run_dir: str | Path, tag: str | None = None):
+    """(model, tag): the Hugging Face model of a run's checkpoint `tag` (default: the latest complete one), in the
+    checkpoint's fp32 master precision, on the CPU."""
     run = Path(run_dir)
     ckpt_root = run / "checkpoints"
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a megaslm run directory (no config.yaml)")
     tag = tag or latest_tag(ckpt_root)
     if tag is None or not (ckpt_root / tag).is_dir():
-        raise UserError(f"{ckpt_root}: no complete checkpoint to export")
-    info = json.loads((run / "run_info.json").read_text())
+        raise UserError(f"{ckpt_root}: no complete checkpoint{f' {tag}' if tag else ''}")
     hf_cfg = AutoConfig.from_pretrained(run / "hf_config", local_files_only=True)
     state = consolidated_state_dict(ckpt_root, tag, run)
 
@@ -85,6 +86,13 @@ def export(run_dir: str, out: str, tag: str | None = None) -> Path:
             fresh = type(mod)(mod.config)
             for name, buf in fresh.named_buffers(recurse=False):
                 getattr(mod, name).copy_(buf)
+    return model, tag
+
+
+def export(run_dir: str, out: str, tag: str | None = None) -> Path:
+    run = Path(run_dir)
+    model, tag = load_run_model(run, tag)
+    info = json.loads((run / "run_info.json").read_text())
     dtype = getattr(torch, info.get("dtype", "float32"))
     model = model.to(dtype)
 

@@ -31,8 +31,10 @@ def device_peak_tflops() -> float | None:
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the dense weights plus 12*L*H*T for attention scores (PaLM appendix)."""
-    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+    """Training FLOPs per token (megaslm/model/describe.py): 6N plus 12*L*H*T for attention scores."""
+    from megaslm.model.describe import train_flops_per_token
+
+    return train_flops_per_token(n_params, n_layers, hidden, seq_len)
 
 
 def _clean(v):

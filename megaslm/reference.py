@@ -26,6 +26,7 @@ from megaslm import score as cache_format
 from megaslm.config import REPO_ROOT
 from megaslm.errors import UserError
 from megaslm.model.build import TokenLossModel, count_params, load_hf_config, zero_stage
+from megaslm.model.describe import describe
 
 AUTO_FRACTION = 0.2
 
@@ -55,10 +56,7 @@ def check_reference_tokenizer(path: str, vocab_size: int, fingerprint: str | Non
 
 
 def reference_bytes(path: str, dtype: torch.dtype) -> int:
-    cfg = load_hf_config(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return count_params(model) * torch.tensor([], dtype=dtype).element_size()
+    return describe(load_hf_config(path)).bytes(dtype)
 
 
 def choose_placement(placement: str, path: str, dtype: torch.dtype, tp_size: int = 1) -> str:

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from megaslm.errors import UserError
 from megaslm.loss import per_token_ce
+from megaslm.model.describe import count_params, describe_module  # noqa: F401 (count_params re-exported)
 from megaslm.model.presets import preset_config
 
 
@@ -96,12 +97,5 @@ class TokenLossModel(nn.Module):
                             tp_group=self.tp_group, vocab_block=self.vocab_block, keep_bytes=self.keep_bytes)
 
 
-def count_params(lm: nn.Module) -> int:
-    """Parameter count that also works for ZeRO-3 partitioned parameters (ds_numel)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
-
-
 def model_summary(lm: nn.Module) -> dict:
-    c = lm.config
-    return {"params": count_params(lm), "layers": c.num_hidden_layers, "hidden": c.hidden_size,
-            "vocab_size": c.vocab_size, "arch": type(lm).__name__}
+    return describe_module(lm).summary()

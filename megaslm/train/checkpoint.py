@@ -61,9 +61,18 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int) -> s
     return tag
 
 
+def list_tags(ckpt_root: Path) -> list[str]:
+    """Checkpoint tags present on disk, oldest first (complete ones are those <= the `latest_complete` tag)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and re.fullmatch(r"step_\d{8}", d.name))
+
+
 def _prune(ckpt_root: Path, keep: int, current: str) -> None:
-    tags = sorted(d.name for d in ckpt_root.iterdir() if d.is_dir() and re.fullmatch(r"step_\d{8}", d.name))
-    older = [t for t in tags if t < current]
+    """Keep the newest `keep` checkpoints; keep == 0 keeps all of them (for `megaslm analyze dynamics`)."""
+    tags = list_tags(ckpt_root)
+    older = [t for t in tags if t < current] if keep > 0 else []
     for t in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(ckpt_root / t, ignore_errors=True)
     for t in tags:  # a tag newer than the committed one is a crashed save: it is garbage

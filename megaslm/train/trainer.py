@@ -390,8 +390,18 @@ def _console_line(rec: dict, total: int) -> str:
     return " | ".join(parts)
 
 
+def config_callbacks(cfg: Config) -> list[Callback]:
+    """The callbacks the config asks for."""
+    callbacks: list[Callback] = []
+    if cfg.train.token_view_every:
+        from megaslm.analyze.token_view import TokenView
+
+        callbacks.append(TokenView(cfg.train.token_view_every))
+    return callbacks
+
+
 def train(cfg: Config) -> int:
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, config_callbacks(cfg))
     code = trainer.run()
     dist.barrier()
     return code

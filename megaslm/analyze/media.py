@@ -1,0 +1,53 @@
+"""Log analysis pages (`wandb.Html`) and plots (`wandb.Image`) to the wandb run of the run they analyze.
+
+The run is resumed by the id in RUN_DIR/wandb_id (written by the trainer, megaslm/monitor.py) with
+dir=RUN_DIR, in the mode of `WANDB_MODE` or else the run's `wandb.mode`; nothing is logged when that is
+`disabled` or the run never used wandb. As in training, a wandb failure is reported and survived: the files on
+disk are the result.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _wandb_settings(run_dir: Path) -> dict | None:
+    id_file = run_dir / "wandb_id"
+    if not id_file.is_file():
+        return None
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    w = (cfg or {}).get("wandb") or {}
+    mode = os.environ.get("WANDB_MODE") or w.get("mode", "offline")
+    if mode == "disabled":
+        return None
+    return {"id": id_file.read_text().strip(), "mode": mode, "project": w.get("project", "megaslm"),
+            "entity": w.get("entity")}
+
+
+def log_media(run_dir: Path | None, media: dict[str, Path]) -> bool:
+    """Log each file under its key (.html as a page, anything else as an image); True if it was logged."""
+    if run_dir is None:
+        return False
+    run_dir = Path(run_dir)
+    settings = _wandb_settings(run_dir)
+    if settings is None:
+        return False
+    try:
+        import wandb
+
+        run = wandb.init(project=settings["project"], entity=settings["entity"], id=settings["id"], resume="allow",
+                         mode=settings["mode"], dir=str(run_dir), settings=wandb.Settings(silent=True))
+        run.log({key: wandb.Html(Path(p).read_text(), inject=False) if str(p).endswith(".html")
+                 else wandb.Image(str(p)) for key, p in media.items()})
+        run.finish()
+        print(f"megaslm: logged {', '.join(media)} to wandb run {settings['id']} ({settings['mode']}, "
+              f"{run_dir / 'wandb'})", flush=True)
+        return True
+    except Exception as e:  # noqa: BLE001 - the files on disk are the result; wandb is a copy of them
+        print(f"megaslm: logging to wandb failed ({type(e).__name__}: {e}); the files on disk are complete",
+              file=sys.stderr, flush=True)
+        return False
