@@ -23,10 +23,16 @@ def cmd_tokenizer_train(a) -> int:
 
 
 def cmd_prepare(a) -> int:
-    from megaslm.data.prepare import prepare
+    from megaslm.data.prepare import prepare, sft_fields_from
 
-    meta = prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, num_proc=a.num_proc)
-    print(f"wrote {meta['num_tokens']} tokens in {meta['num_documents']} documents ({meta['dtype']}) to {a.out}")
+    fields = sft_fields_from(a.prompt_field, a.response_field, a.messages_field)
+    meta = prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, num_proc=a.num_proc, sft_fields=fields,
+                   on_bad_utf8=a.on_bad_utf8,
+                   log=lambda s: print(s, file=sys.stderr) if s.startswith("skipped") else None)
+    masked = ", with loss masks" if meta["loss_mask"] else ""
+    skipped = f"; skipped {meta['bad_utf8_documents']} not valid UTF-8" if meta["bad_utf8_documents"] else ""
+    print(f"wrote {meta['num_tokens']} tokens in {meta['num_documents']} documents ({meta['dtype']}{masked}) "
+          f"to {a.out}{skipped}")
     return 0
 
 
@@ -163,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output shard directory")
     pr.add_argument("--text-field", default="text")
     pr.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
+    pr.add_argument("--prompt-field", help="SFT: field with the prompt (no loss); needs --response-field")
+    pr.add_argument("--response-field", help="SFT: field with the response (takes the loss)")
+    pr.add_argument("--messages-field", help="SFT chat: field with a list of {role, content}; loss on assistant turns")
+    pr.add_argument("--on-bad-utf8", choices=("error", "skip"), default="error",
+                    help="text that is not valid UTF-8: refuse the input (default) or skip the document")
     pr.set_defaults(func=cmd_prepare)
 
     tr = sub.add_parser("train", help="train (CLM or SLM) from a YAML config; re-run to resume")

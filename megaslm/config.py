@@ -39,12 +39,21 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureComponent:
+    path: str = ""  # a shard directory written by `megaslm prepare`
+    weight: float = 1.0  # share of training sequences (weights are normalized to sum to 1)
+    name: str | None = None  # metric suffix (tokens/<name>); default: the directory's name
+
+
+@dataclass
 class DataConfig:
-    train: str = ""  # required: shard directory written by `megaslm prepare`
-    valid: str | None = None  # shard directory for held-out validation loss
+    # required: a shard directory, or a mixture: a list of {path, weight, name} (see megaslm/data/mixture.py)
+    train: str | list[MixtureComponent] = ""
+    valid: str | dict[str, str] | None = None  # a shard directory, or {name: directory} -> val_loss/<name>
     tokenizer: str | None = None  # copied into exports; default: the tokenizer recorded in the shards' meta
     valid_sequences: int = 64  # sequences used for each validation pass
     track_sources: bool = False  # log per-source token counts / selected fraction
+    document_mask: bool = False  # attention stops at document boundaries; positions restart per document
 
 
 @dataclass
@@ -138,7 +147,14 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, src)
+        shaped = [a for a in inner if isinstance(value, (list, dict)) and typing.get_origin(a) is type(value)]
+        return _coerce(value, (shaped or inner)[0], key, src)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, src)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{src}: {key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", src) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             value = [value] if isinstance(value, str) else value
@@ -223,7 +239,9 @@ def validate(cfg: Config, src: str = "config") -> Config:
     if not cfg.run.dir:
         raise bad("run.dir", "is required (the run directory)")
     if not cfg.data.train:
-        raise bad("data.train", "is required (a shard directory written by `megaslm prepare`)")
+        raise bad("data.train", "is required (a shard directory written by `megaslm prepare`, or a list of "
+                                "{path, weight, name})")
+    _validate_data(cfg.data, bad)
     if cfg.model.init_from is None and cfg.model.preset not in PRESETS:
         raise bad("model.preset", f"must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}")
     if cfg.model.dtype not in ("auto", "bf16", "fp32"):
@@ -258,6 +276,9 @@ def validate(cfg: Config, src: str = "config") -> Config:
     if cfg.reference.placement not in ("auto", "replicated", "zero3", "zero3_offload"):
         raise bad("reference.placement",
                   f"must be auto, replicated, zero3 or zero3_offload, got {cfg.reference.placement!r}")
+    if cfg.reference.cache and (cfg.data.document_mask or isinstance(cfg.data.train, list)):
+        raise bad("reference.cache", "cannot be used with a mixture data.train or data.document_mask (the cache is "
+                                     "scored on one shard directory without document masking); use reference.path")
     if cfg.objective == "slm" and not (cfg.reference.path or cfg.reference.cache):
         raise bad("reference.path", "is required when objective is slm (or reference.cache)")
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
@@ -271,6 +292,43 @@ def validate(cfg: Config, src: str = "config") -> Config:
     if not cfg.loss_head.keep_logits_mib >= 0:
         raise bad("loss_head.keep_logits_mib", f"must be >= 0 (0: always recompute), got {cfg.loss_head.keep_logits_mib}")
     return cfg
+
+
+def _validate_data(d: DataConfig, bad) -> None:
+    """Mixture components get their default names (so the resolved config shows them); names are unique."""
+    if isinstance(d.train, list):
+        for i, c in enumerate(d.train):
+            if not c.path:
+                raise bad(f"data.train[{i}].path", "is required (a shard directory)")
+            if not c.weight > 0:
+                raise bad(f"data.train[{i}].weight", f"must be > 0, got {c.weight}")
+            c.name = c.name or os.path.basename(os.path.normpath(c.path))
+        names = [c.name for c in d.train]
+        if len(set(names)) != len(names):
+            raise bad("data.train", f"component names must differ, got {names} (set name: for each)")
+    if isinstance(d.valid, dict):
+        if not d.valid:
+            raise bad("data.valid", "is an empty mapping (give name: directory pairs, or leave it out)")
+        for name, path in d.valid.items():
+            if not path:
+                raise bad(f"data.valid.{name}", "is empty (a shard directory)")
+
+
+def train_components(d: DataConfig) -> list[MixtureComponent] | None:
+    """The mixture of data.train, or None when it is one directory."""
+    return d.train if isinstance(d.train, list) else None
+
+
+def first_train_path(d: DataConfig) -> str:
+    """The shard directory that fixes the tokenizer: data.train, or a mixture's first component."""
+    return d.train[0].path if isinstance(d.train, list) else d.train
+
+
+def valid_sets(d: DataConfig) -> dict[str, str]:
+    """data.valid as {name: directory}: a plain directory is named "valid"; none gives {}."""
+    if d.valid is None or d.valid == "":
+        return {}
+    return dict(d.valid) if isinstance(d.valid, dict) else {"valid": d.valid}
 
 
 def from_dict(data: dict, src: str = "config") -> Config:

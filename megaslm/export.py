@@ -53,7 +53,10 @@ def find_tokenizer(run_dir: Path) -> str | None:
     tok = cfg.get("data", {}).get("tokenizer")
     if tok:
         return tok
-    meta_path = Path(cfg["data"]["train"]) / "meta.json"
+    train = cfg["data"]["train"]
+    if isinstance(train, list):  # a mixture: its components share one tokenizer
+        train = train[0]["path"]
+    meta_path = Path(train) / "meta.json"
     if meta_path.exists():
         return json.loads(meta_path.read_text()).get("tokenizer")
     return None

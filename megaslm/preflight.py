@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megaslm.config import Config
+from megaslm.config import Config, first_train_path
 from megaslm.errors import UserError
 
 PLACEHOLDER_VOCAB = 32000  # architecture checks when no vocabulary is known yet (it changes no position limit)
 
 
 def shards_vocab(cfg: Config) -> int | None:
-    """data.train's vocab_size from its meta.json, when the shards are already prepared."""
-    meta = Path(cfg.data.train) / "meta.json"
+    """data.train's (a mixture's first component's) vocab_size from its meta.json, when the shards are already
+    prepared."""
+    meta = Path(first_train_path(cfg.data)) / "meta.json"
     if not meta.is_file():
         return None
     try:
@@ -69,7 +70,7 @@ def check_config(cfg: Config) -> None:
     check_model_config(model, cfg.parallel.tensor, model_what)
     vocab = shards_vocab(cfg)
     if cfg.model.init_from and vocab is not None and model.vocab_size != vocab:
-        raise UserError(f"{model_what} has vocab_size {model.vocab_size} but data.train {cfg.data.train} has "
+        raise UserError(f"{model_what} has vocab_size {model.vocab_size} but data.train {first_train_path(cfg.data)} has "
                         f"vocab_size {vocab}: the model and the shards must share the tokenizer")
     ref = reference_hf_config(cfg)
     if ref is None:
@@ -79,4 +80,4 @@ def check_config(cfg: Config) -> None:
     want = vocab or cfg.model.vocab_size or (model.vocab_size if cfg.model.init_from else None)
     if want is not None and ref.vocab_size != want:
         raise UserError(f"{ref_what} has vocab_size {ref.vocab_size} but the trained model's vocabulary is {want} "
-                        f"(data.train {cfg.data.train}): the reference must share the tokenizer")
+                        f"(data.train {first_train_path(cfg.data)}): the reference must share the tokenizer")

@@ -114,12 +114,13 @@ class OnlineReference:
         self.config = lm.config
 
     @torch.no_grad()
-    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.engine(input_ids, labels).float()
+    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.engine(input_ids, labels, position_ids).float()
 
     def losses_for(self, batch: dict) -> torch.Tensor:
-        """`losses` of the loader's batch dict (input_ids and labels already on the device)."""
-        return self.losses(batch["input_ids"], batch["labels"])
+        """`losses` of the loader's batch dict (input_ids, labels and position_ids already on the device)."""
+        return self.losses(batch["input_ids"], batch["labels"], batch.get("position_ids"))
 
 
 class CachedReference:

@@ -248,6 +248,9 @@ def score(cfg, *, chunk_tokens: int | None = None, storage_dtype: str = "float32
     from megaslm.train.preempt import Preemption
     from megaslm.train.trainer import training_dtype
 
+    if not isinstance(cfg.data.train, str):
+        raise UserError("data.train is a mixture: score one shard directory at a time (set data.train to it); "
+                        "training with a mixture uses an online reference (reference.path)")
     shards = ShardSet(cfg.data.train)
     T = cfg.train.seq_len
     n_seq = (shards.num_tokens - 1) // T

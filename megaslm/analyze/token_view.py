@@ -17,7 +17,7 @@ import torch
 from megaslm.analyze import html as page
 from megaslm.analyze.documents import pieces
 from megaslm.atomic import write_text
-from megaslm.data.loader import IGNORE_INDEX, PackedLoader
+from megaslm.data.loader import IGNORE_INDEX, PackedLoader, model_inputs
 from megaslm.loss import select_tokens
 from megaslm.train.callbacks import Callback
 
@@ -31,10 +31,10 @@ class TokenView(Callback):
 
     def on_train_start(self, trainer) -> None:
         cfg = trainer.cfg
-        shards = trainer.valid_shards or trainer.train_shards
-        self.source = cfg.data.valid or cfg.data.train
+        shards = next(iter(trainer.data.valid.values()), None) or trainer.train_shards
+        self.source = shards.path
         n = min(cfg.train.micro_batch_size, MAX_SEQUENCES)
-        loader = PackedLoader(shards, cfg.train.seq_len, n, eval_only=True)
+        loader = PackedLoader(shards, cfg.train.seq_len, n, eval_only=True, document_mask=cfg.data.document_mask)
         self.batch = next(iter(loader.eval_batches(n)))
         self.ratio = cfg.slm.ratio if cfg.objective == "slm" else None
         self.tokenizer = None
@@ -51,12 +51,13 @@ class TokenView(Callback):
     def _losses(self, trainer) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids = self.batch["input_ids"].to(trainer.device)
         labels = self.batch["labels"].to(trainer.device)
+        extra = model_inputs(self.batch, trainer.device)  # position_ids under data.document_mask
         trainer.engine.eval()
-        loss = trainer.engine(ids, labels).float().cpu()
+        loss = trainer.engine(ids, labels, **extra).float().cpu()
         trainer.engine.train()
         ref = None
         if trainer.reference is not None and hasattr(trainer.reference, "losses"):  # online, not a cache
-            ref = trainer.reference.losses(ids, labels).float().cpu()
+            ref = trainer.reference.losses(ids, labels, extra.get("position_ids")).float().cpu()
         return loss, ref
 
     def maybe_log(self, trainer, step: int) -> None:

@@ -16,6 +16,14 @@ Batches are dicts of LongTensors: `input_ids`, `labels` [B, seq_len], `index` [B
 so token offsets are i*seq_len + 1 ... for labels; -1 for padding), and with `with_source=True`
 `source` [B, seq_len]: for each label token, the index into the shard set's `sources` of its input file.
 
+Loss masks: in shards with a loss mask (SFT), a label whose token has mask 0 is -100, so every objective, the
+reference and the metrics skip it with no code of their own.
+
+Document masking (`document_mask=True`): the batch also holds `position_ids` [B, seq_len] that restart at 0 at the
+window's first token and after every EOS in input_ids; the model derives a block-diagonal causal attention
+from them (transformers' packed-sequence path), so no token attends across a document boundary. The label of
+an EOS input (the next document's first token, which no document-only run predicts) is -100.
+
 `eval_batches` walks sequences 0, 1, 2, ... in order (no shuffle) with the same rank split; the last global
 batch is padded to full size so every rank yields the same number of batches: padded rows have
 input_ids = eos_id, labels = -100 (the usual ignore_index), source = -1, index = -1.
@@ -34,12 +42,30 @@ from megaslm.errors import UserError
 IGNORE_INDEX = -100
 
 
+def model_inputs(batch: dict, device) -> dict:
+    """What the model takes besides input_ids and labels: position_ids under document masking."""
+    return {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
+
+
+def document_positions(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """int64 [B, T]: each token's offset since the row start or the last EOS before it (a document starts after
+    every EOS)."""
+    B, T = input_ids.shape
+    starts = np.zeros((B, T), bool)
+    starts[:, 0] = True
+    starts[:, 1:] = input_ids[:, :-1] == eos_id
+    idx = np.broadcast_to(np.arange(T), (B, T))
+    last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return (idx - last_start).astype(np.int64)
+
+
 class PackedLoader:
     """See the module docstring. `eval_only=True` skips the check that the set holds at least one global
     micro-batch (needed by `next_batch`, not by `eval_batches`, which pads)."""
 
     def __init__(self, shards: ShardSet | str, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, with_source: bool = False, eval_only: bool = False):
+                 dp_size: int = 1, seed: int = 0, with_source: bool = False, eval_only: bool = False,
+                 document_mask: bool = False):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet(shards)
         if int(seq_len) < 1 or int(micro_batch_size) < 1:
             raise UserError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
@@ -50,6 +76,7 @@ class PackedLoader:
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
         self.seed = int(seed)
         self.with_source = bool(with_source)
+        self.document_mask = bool(document_mask)
         self.global_batch_size = self.micro_batch_size * self.dp_size
         self.n_seq = max(0, (self.shards.num_tokens - 1) // self.seq_len)
         if not eval_only and self.n_seq < self.global_batch_size:
@@ -74,7 +101,7 @@ class PackedLoader:
             self._perm_epoch = epoch
         return self._perm
 
-    def _batch(self, seqs: np.ndarray, rows: int) -> dict[str, torch.Tensor]:
+    def rows(self, seqs: np.ndarray, rows: int) -> dict[str, torch.Tensor]:
         """Rows for sequence numbers `seqs`, padded to `rows` rows."""
         L = self.seq_len
         window = np.full((rows, L + 1), self.shards.eos_id, np.int64)
@@ -88,9 +115,15 @@ class PackedLoader:
                 source[k] = self.shards.source_of_tokens(s * L + 1, s * L + L + 1)
         labels = window[:, 1:].copy()
         labels[len(seqs):] = IGNORE_INDEX
-        out = {"input_ids": torch.from_numpy(np.ascontiguousarray(window[:, :-1])),
-               "labels": torch.from_numpy(labels),
+        if self.shards.has_loss_mask:
+            for k, s in enumerate(seqs):
+                labels[k][~self.shards.read_loss_mask(int(s) * L + 1, int(s) * L + L + 1)] = IGNORE_INDEX
+        input_ids = np.ascontiguousarray(window[:, :-1])
+        out = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
                "index": torch.from_numpy(index)}
+        if self.document_mask:
+            out["position_ids"] = torch.from_numpy(document_positions(input_ids, self.shards.eos_id))
+            labels[input_ids == self.shards.eos_id] = IGNORE_INDEX
         if source is not None:
             out["source"] = torch.from_numpy(source)
         return out
@@ -108,7 +141,7 @@ class PackedLoader:
         start = self.pos + self.dp_rank * B
         seqs = perm[start:start + B]
         self.pos += G
-        return self._batch(seqs, B)
+        return self.rows(seqs, B)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -122,7 +155,7 @@ class PackedLoader:
         for g in range(0, m, G):
             lo = min(m, g + self.dp_rank * B)
             hi = min(m, lo + B)
-            yield self._batch(np.arange(lo, hi), B)
+            yield self.rows(np.arange(lo, hi), B)
 
     def num_eval_batches(self, max_sequences: int | None = None) -> int:
         m = self.n_seq if max_sequences is None else max(0, min(self.n_seq, int(max_sequences)))
@@ -138,6 +171,9 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the saved loader stopped. Raises UserError if the state belongs to a
         different seed / seq_len / global batch size / shard set."""
+        if state.get("kind") == "mixture":
+            raise UserError("cannot resume the data loader: the checkpoint was written for a mixture (data.train a "
+                            f"list), this run reads one shard directory {self.shards.path}")
         mine = self.state_dict()
         diffs = []
         for key in ("seed", "seq_len", "global_batch_size", "num_tokens", "num_documents", "fingerprint"):

@@ -1,6 +1,7 @@
 """Token shards on disk: the output of `prepare`, the input of the loader.
 
-Format (format_version 1). A shard set is a directory holding:
+Format (format_version 2; version 1 sets, which have no loss masks, are still read). A shard set is a directory
+holding:
 
 - `tokens_00000.bin`, `tokens_00001.bin`, ...: the token stream, raw little-endian integers, `uint16` when
   the tokenizer's vocab_size <= 65535, else `uint32`. Every document is its token ids followed by the EOS id.
@@ -10,11 +11,16 @@ Format (format_version 1). A shard set is a directory holding:
 - `docs_00000.npy`, ... (one per token file): an int64 array of shape [2, num_documents]: row 0 holds the
   start offset of every document within that token file (ascending), row 1 the index into `sources` of the
   input file each document came from. (Rows, not columns, so each is contiguous when memory-mapped.)
+- `mask_00000.bin`, ... (one per token file, only when meta's `loss_mask` is true): one uint8 per token, 1 when
+  the token carries a loss as a label (the response of a prompt/response pair, an assistant turn), 0 when it is
+  context only (a prompt, a user turn). A document's EOS takes the mask of the document's last token. Sets
+  without mask files train on every token.
 - `meta.json`, written last:
-  `format_version` (1), `dtype` ("uint16" | "uint32"), `vocab_size`, `tokenizer_fingerprint` (sha256 hex of
+  `format_version` (2), `dtype` ("uint16" | "uint32"), `vocab_size`, `tokenizer_fingerprint` (sha256 hex of
   the tokenizer model file), `eos_id`, `num_tokens`, `num_documents`, `sources` (input paths, in order),
   `source_tokens` / `source_documents` (per-source totals), `shards` (list of {`file`, `docs_file`,
-  `num_tokens`, `num_documents`}), `created` (UTC ISO-8601 timestamp).
+  `num_tokens`, `num_documents`, and `mask_file` when masked}), `loss_mask` (bool), `created` (UTC ISO-8601
+  timestamp), and whatever `prepare` adds about its input (e.g. `bad_utf8_documents`).
 
 Crash safety: a writer fills a sibling temporary directory `<out_dir>.tmp-XXXXXXXX`; each token file is
 written as `*.partial` and renamed when complete; meta.json goes last (temp file + os.replace). Only then is
@@ -36,9 +42,11 @@ import numpy as np
 
 from megaslm.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 _TOKENS = "tokens_{:05d}.bin"
+_MASK = "mask_{:05d}.bin"
 _DOCS = "docs_{:05d}.npy"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -56,7 +64,7 @@ def _is_replaceable(path: str) -> bool:
     if not os.path.isdir(path):
         return False
     names = os.listdir(path)
-    return all(n == META_FILE or (n.startswith(("tokens_", "docs_")) and n.endswith((".bin", ".npy", ".partial")))
+    return all(n == META_FILE or (n.startswith(("tokens_", "docs_", "mask_")) and n.endswith((".bin", ".npy", ".partial")))
                for n in names)
 
 
@@ -67,7 +75,7 @@ class ShardWriter:
     directory. Memory is bounded by `buffer_tokens` plus the per-file document index."""
 
     def __init__(self, out_dir: str, vocab_size: int, fingerprint: str, eos_id: int, sources: list[str],
-                 max_tokens_per_shard: int = 2**27, buffer_tokens: int = 1 << 20):
+                 max_tokens_per_shard: int = 2**27, buffer_tokens: int = 1 << 20, loss_mask: bool = False):
         # realpath: if out_dir is a symlink (e.g. to scratch space), build and swap next to its target.
         self.out_dir = os.path.realpath(out_dir)
         if not _is_replaceable(self.out_dir):
@@ -83,6 +91,7 @@ class ShardWriter:
         self.sources = [str(s) for s in sources]
         self.max_tokens_per_shard = int(max_tokens_per_shard)
         self.buffer_tokens = int(buffer_tokens)
+        self.loss_mask = bool(loss_mask)
         self.dtype = dtype_for_vocab(self.vocab_size)
         self._np_dtype = _DTYPES[self.dtype]
         parent = os.path.dirname(self.out_dir)
@@ -101,7 +110,12 @@ class ShardWriter:
         self._cur = {"file": _TOKENS.format(idx), "docs_file": _DOCS.format(idx), "num_tokens": 0,
                      "num_documents": 0}
         self._file = open(os.path.join(self.tmp_dir, self._cur["file"] + ".partial"), "wb")
+        self._mask_file = None
+        if self.loss_mask:
+            self._cur["mask_file"] = _MASK.format(idx)
+            self._mask_file = open(os.path.join(self.tmp_dir, self._cur["mask_file"] + ".partial"), "wb")
         self._buf: list[np.ndarray] = []
+        self._mask_buf: list[np.ndarray] = []
         self._buf_len = 0
         self._doc_rows: list[np.ndarray] = []  # chunks of [2, n]: (starts, sources)
 
@@ -109,15 +123,21 @@ class ShardWriter:
         if self._buf:
             self._file.write(np.concatenate(self._buf).tobytes())
             self._buf, self._buf_len = [], 0
+        if self._mask_buf:
+            self._mask_file.write(np.concatenate(self._mask_buf).tobytes())
+            self._mask_buf = []
 
     def _finish_shard(self) -> None:
         self._flush()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        tmp = os.path.join(self.tmp_dir, self._cur["file"])
-        os.replace(tmp + ".partial", tmp)
+        for key, f in (("file", self._file), ("mask_file", self._mask_file)):
+            if f is None:
+                continue
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            tmp = os.path.join(self.tmp_dir, self._cur[key])
+            os.replace(tmp + ".partial", tmp)
+        self._file = self._mask_file = None
         docs = np.concatenate(self._doc_rows, axis=1) if self._doc_rows else np.zeros((2, 0), np.int64)
         np.save(os.path.join(self.tmp_dir, self._cur["docs_file"]), docs.astype(np.int64))
         self._shards.append(self._cur)
@@ -133,14 +153,16 @@ class ShardWriter:
         """Tokens (EOS included) added so far."""
         return sum(self._source_tokens)
 
-    def add_document(self, ids, source_index: int) -> None:
+    def add_document(self, ids, source_index: int, loss_mask=None) -> None:
         """Append one document (its ids, then EOS) from input `source_index`."""
         ids = np.asarray(ids)
-        self.add_documents(ids, np.array([len(ids)]), source_index)
+        self.add_documents(ids, np.array([len(ids)]), source_index, loss_mask)
 
-    def add_documents(self, flat_ids, lengths, source_index: int) -> None:
+    def add_documents(self, flat_ids, lengths, source_index: int, loss_mask=None) -> None:
         """Append several documents at once: `flat_ids` is their ids concatenated (no EOS), `lengths` the
-        length of each. Same result as `add_document` per document, with less Python overhead."""
+        length of each. Same result as `add_document` per document, with less Python overhead. `loss_mask`
+        (aligned with `flat_ids`; only for a writer made with loss_mask=True, default all ones) marks the tokens
+        that carry a loss."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         if not 0 <= source_index < len(self.sources):
@@ -163,6 +185,7 @@ class ShardWriter:
         mask = np.ones(len(out), bool)
         mask[starts + lengths] = False
         out[mask] = flat
+        out_mask = self._eos_extended_mask(loss_mask, flat, lengths, starts, mask)
         self._source_tokens[source_index] += len(out)
         self._source_docs[source_index] += len(lengths)
         # Cut into shard files at document boundaries.
@@ -183,6 +206,8 @@ class ShardWriter:
             rows[1] = source_index
             self._doc_rows.append(rows)
             self._buf.append(out[a:b])
+            if out_mask is not None:
+                self._mask_buf.append(out_mask[a:b])
             self._buf_len += b - a
             self._cur["num_tokens"] += b - a
             self._cur["num_documents"] += j - i
@@ -190,16 +215,33 @@ class ShardWriter:
                 self._flush()
             i = j
 
-    def close(self) -> dict:
-        """Finish the files, write meta.json, swap the set into `out_dir`; returns the meta dict."""
+    def _eos_extended_mask(self, loss_mask, flat, lengths, starts, not_eos) -> np.ndarray | None:
+        """The per-token mask of the stream written for these documents (EOS takes its document's last mask)."""
+        if loss_mask is None:
+            return np.ones(len(not_eos), np.uint8) if self.loss_mask else None
+        if not self.loss_mask:
+            raise ValueError("loss_mask given to a ShardWriter made without loss_mask=True")
+        m = np.asarray(loss_mask).reshape(-1).astype(np.uint8)
+        if len(m) != len(flat):
+            raise ValueError(f"loss_mask has {len(m)} entries for {len(flat)} ids")
+        out = np.empty(len(not_eos), np.uint8)
+        out[not_eos] = m
+        last = starts + lengths - 1  # index of each document's last token (EOS position - 1)
+        out[starts + lengths] = np.where(lengths > 0, out[np.maximum(last, starts)], 1)
+        return out
+
+    def close(self, extra_meta: dict | None = None) -> dict:
+        """Finish the files, write meta.json (plus `extra_meta`), swap the set into `out_dir`; returns meta."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         try:
             if self._cur["num_tokens"] > 0 or not self._shards:
                 self._finish_shard()
             else:
-                self._file.close()
-                os.unlink(os.path.join(self.tmp_dir, self._cur["file"] + ".partial"))
+                for key, f in (("file", self._file), ("mask_file", self._mask_file)):
+                    if f is not None:
+                        f.close()
+                        os.unlink(os.path.join(self.tmp_dir, self._cur[key] + ".partial"))
             meta = {
                 "format_version": FORMAT_VERSION,
                 "dtype": self.dtype,
@@ -212,7 +254,9 @@ class ShardWriter:
                 "source_tokens": [int(x) for x in self._source_tokens],
                 "source_documents": [int(x) for x in self._source_docs],
                 "shards": self._shards,
+                "loss_mask": self.loss_mask,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **(extra_meta or {}),
             }
             tmp_meta = os.path.join(self.tmp_dir, META_FILE + ".partial")
             with open(tmp_meta, "w") as f:
@@ -241,9 +285,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; a previous set at out_dir is untouched."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in (self._file, getattr(self, "_mask_file", None)):
+            if f is not None:
+                f.close()
+        self._file = self._mask_file = None
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._closed = True
 
@@ -276,9 +321,9 @@ class ShardSet:
             raise UserError(f"{meta_path} is not valid JSON ({e})") from e
         if not isinstance(meta, dict):
             raise UserError(f"{meta_path} is not a JSON object")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise UserError(f"{meta_path}: format_version {meta.get('format_version')!r} is not supported "
-                            f"(expected {FORMAT_VERSION})")
+                            f"(this megaslm reads {', '.join(map(str, READABLE_VERSIONS))}; prepare the shards again)")
         for key in ("dtype", "vocab_size", "tokenizer_fingerprint", "eos_id", "num_tokens", "num_documents",
                     "sources", "shards"):
             if key not in meta:
@@ -302,12 +347,18 @@ class ShardSet:
             d = os.path.join(self.path, s["docs_file"])
             if not os.path.isfile(d):
                 raise UserError(f"document index {d} listed in {meta_path} is missing")
+            if meta.get("loss_mask"):
+                m = os.path.join(self.path, str(s.get("mask_file")))
+                if not os.path.isfile(m) or os.path.getsize(m) != s["num_tokens"]:
+                    raise UserError(f"loss-mask file {m} listed in {meta_path} is missing or not {s['num_tokens']} "
+                                    "bytes; prepare the shards again")
             total += s["num_tokens"]
         if total != meta["num_tokens"]:
             raise UserError(f"{meta_path}: shard sizes add up to {total} tokens, not num_tokens {meta['num_tokens']}")
         sizes = np.array([s["num_tokens"] for s in meta["shards"]], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])  # global offset of each file
         self._maps: dict[int, np.ndarray] = {}
+        self._masks: dict[int, np.ndarray] = {}
         self._docs: dict[int, np.ndarray] = {}
 
     # -- properties ---------------------------------------------------------------------------------------
@@ -335,6 +386,11 @@ class ShardSet:
     def sources(self) -> list[str]:
         return list(self.meta["sources"])
 
+    @property
+    def has_loss_mask(self) -> bool:
+        """True when the set carries per-token loss masks (SFT data from `prepare --prompt-field ...`)."""
+        return bool(self.meta.get("loss_mask"))
+
     def __len__(self) -> int:
         return self.num_tokens
 
@@ -343,7 +399,7 @@ class ShardSet:
 
     def __getstate__(self):  # memory maps do not pickle; reopen them lazily in the other process
         state = dict(self.__dict__)
-        state["_maps"], state["_docs"] = {}, {}
+        state["_maps"], state["_masks"], state["_docs"] = {}, {}, {}
         return state
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -354,6 +410,15 @@ class ShardSet:
             f = os.path.join(self.path, self.meta["shards"][i]["file"])
             m = np.memmap(f, dtype=self._dtype, mode="r", shape=(n,)) if n else np.zeros(0, self._dtype)
             self._maps[i] = m
+        return m
+
+    def _mask(self, i: int) -> np.ndarray:
+        m = self._masks.get(i)
+        if m is None:
+            n = self.meta["shards"][i]["num_tokens"]
+            f = os.path.join(self.path, self.meta["shards"][i]["mask_file"])
+            m = np.memmap(f, dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+            self._masks[i] = m
         return m
 
     def _doc_index(self, i: int) -> np.ndarray:
@@ -393,6 +458,16 @@ class ShardSet:
         out = np.empty(end - start, self._dtype)
         for i, a, b, o in self._pieces(start, end):
             out[o:o + b - a] = self._tokens(i)[a:b]
+        return out
+
+    def read_loss_mask(self, start: int, end: int) -> np.ndarray:
+        """bool [end - start]: whether each token of [start, end) carries a loss (all True without masks)."""
+        start, end = self._check_range(start, end)
+        if not self.has_loss_mask:
+            return np.ones(end - start, bool)
+        out = np.empty(end - start, bool)
+        for i, a, b, o in self._pieces(start, end):
+            out[o:o + b - a] = self._mask(i)[a:b] != 0
         return out
 
     def source_of_tokens(self, start: int, end: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Iterator
 
 from megaslm.atomic import write_bytes
-from megaslm.data.readers import expand_inputs, iter_text_batches
+from megaslm.data.readers import BadInput, expand_inputs, iter_text_batches
 from megaslm.errors import UserError
 
 MODEL_FILE = "tokenizer.model"
@@ -206,7 +206,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
 def _sentences(inputs: list[str], text_field: str, max_sentence_bytes: int) -> Iterator[str]:
     # SentencePiece skips "sentences" longer than max_sentence_length, so feed lines, cut to that size.
     for path in inputs:
-        for batch in iter_text_batches(path, text_field):
+        for batch in iter_text_batches(path, text_field, bad=BadInput("skip")):  # prepare reports them
             for doc in batch:
                 for line in doc.split("\n"):
                     if not line.strip():

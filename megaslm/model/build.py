@@ -70,7 +70,8 @@ def lm_head_weight(lm: nn.Module) -> nn.Parameter:
 
 
 class TokenLossModel(nn.Module):
-    """forward(input_ids, labels) -> float32 per-token cross-entropy [B, T] (0 where labels == -100).
+    """forward(input_ids, labels, position_ids=None) -> float32 per-token cross-entropy [B, T] (0 where
+    labels == -100).
 
     chunk_size, vocab_block, keep_bytes: the loss head's tiling and memory-for-speed budget (see per_token_ce;
     the config's `loss_head` section). Nothing is kept when no gradient is taken (the reference model).
@@ -91,8 +92,12 @@ class TokenLossModel(nn.Module):
             # The head's weight is used here, outside lm_head.forward: ask ZeRO-3 to gather it for our forward.
             deepspeed.zero.register_external_parameter(self, lm_head_weight(lm))
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # position_ids that restart at document starts make transformers build a block-diagonal causal mask
+        # (its packed-sequence path): document masking with the model untouched.
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
         return per_token_ce(hidden, lm_head_weight(self.lm), labels, chunk_size=self.chunk_size,
                             tp_group=self.tp_group, vocab_block=self.vocab_block, keep_bytes=self.keep_bytes)
 

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 
 from megaslm.atomic import write_json
-from megaslm.config import Config, dump_config, resolve_path
-from megaslm.data.loader import PackedLoader
+from megaslm.config import Config, dump_config, first_train_path, resolve_path, train_components, valid_sets
+from megaslm.data.loader import PackedLoader, model_inputs
+from megaslm.data.mixture import Component, MixtureLoader
 from megaslm.data.shards import ShardSet, check_compatible
 from megaslm.errors import UserError
 from megaslm.loss.objective import compute_objective
@@ -93,30 +94,70 @@ def slurm_info() -> dict:
 
 @dataclass
 class Data:
-    """The shard sets of a run and the model vocabulary they fix."""
+    """The shard sets of a run and the model vocabulary they fix. `train` is the only (or the first) training
+    set: tokenizer, EOS and vocabulary come from it; `components` is the mixture (None for one directory);
+    `valid` maps validation-set names to sets, in config order (empty without data.valid)."""
     train: ShardSet
-    valid: ShardSet | None
+    components: list[Component] | None
+    valid: dict[str, ShardSet]
     vocab: int
 
 
 def build_data(cfg: Config) -> Data:
-    """Open and cross-check the shard sets; the model's vocabulary follows the shards unless the config sets it."""
-    train = ShardSet(cfg.data.train)
+    """Open and cross-check the shard sets (one tokenizer for all); the model's vocabulary follows the shards
+    unless the config sets it."""
+    mixture = train_components(cfg.data)
+    components = [Component(c.name, ShardSet(c.path), c.weight) for c in mixture] if mixture else None
+    train = components[0].shards if components else ShardSet(cfg.data.train)
+    first = first_train_path(cfg.data)
     vocab = cfg.model.vocab_size or train.vocab_size
     check_compatible(train, vocab, None, f"model {cfg.model.init_from or cfg.model.preset}")
-    valid = None
-    if cfg.data.valid:
-        valid = ShardSet(cfg.data.valid)
-        check_compatible(valid, vocab, train.fingerprint, f"training shards {cfg.data.train}")
-    return Data(train, valid, vocab)
+    for c in (components or [])[1:]:
+        check_compatible(c.shards, vocab, train.fingerprint, f"training shards {first} (data.train[0])")
+    valid = {}
+    for name, path in valid_sets(cfg.data).items():
+        valid[name] = ShardSet(path)
+        check_compatible(valid[name], vocab, train.fingerprint, f"training shards {first}")
+    return Data(train, components, valid, vocab)
 
 
-def make_loader(cfg: Config, shards: ShardSet, groups: ParallelGroups, *, train: bool) -> PackedLoader:
-    """The one place loaders are made: the training loader (seeded order, per-source ids when tracked) or an
-    evaluation loader (fixed order)."""
+def make_loader(cfg: Config, shards: ShardSet | list[Component], groups: ParallelGroups, *,
+                train: bool) -> PackedLoader | MixtureLoader:
+    """The one place loaders are made: the training loader (seeded order, per-source ids when tracked; a
+    MixtureLoader for a list of components) or an evaluation loader (fixed order)."""
+    d = cfg.data
+    if isinstance(shards, list):
+        return MixtureLoader(shards, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank=groups.dp_rank,
+                             dp_size=groups.dp_size, seed=cfg.train.seed, track_sources=d.track_sources,
+                             document_mask=d.document_mask)
     return PackedLoader(shards, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank=groups.dp_rank,
                         dp_size=groups.dp_size, seed=cfg.train.seed if train else 0,
-                        with_source=train and cfg.data.track_sources, eval_only=not train)
+                        with_source=train and d.track_sources, eval_only=not train, document_mask=d.document_mask)
+
+
+def name_sources(rec: dict, names: list[str]) -> dict:
+    """Per-source metrics of a mixture under their names: tokens/<i> -> tokens/<names[i]> (and selected_frac).
+    With data.track_sources the names are "<component>/<file index>", and each component's totals are added as
+    tokens/<component> and selected_frac/<component> (selected over total)."""
+    out = {k: v for k, v in rec.items() if not k.startswith(("tokens/", "selected_frac/"))}
+    sums: dict[str, list[float]] = {}
+    for i, name in enumerate(names):
+        n = rec.get(f"tokens/{i}")
+        if n is None:
+            continue
+        out[f"tokens/{name}"] = n
+        frac = rec.get(f"selected_frac/{i}")
+        if frac is not None:
+            out[f"selected_frac/{name}"] = frac
+        if "/" in name:
+            total = sums.setdefault(name.split("/")[0], [0.0, 0.0])
+            total[0] += n
+            total[1] += (frac or 0.0) * n
+    for comp, (n, sel) in sums.items():
+        out[f"tokens/{comp}"] = n
+        if any(k.startswith("selected_frac/") for k in rec) and n > 0:
+            out[f"selected_frac/{comp}"] = sel / n
+    return out
 
 
 @dataclass
@@ -160,7 +201,9 @@ def build_model(cfg: Config, data: Data, groups: ParallelGroups, ds_base: dict, 
 
 
 def build_reference(cfg: Config, data: Data, groups: ParallelGroups, dtype: torch.dtype):
-    """The SLM reference (online engine or on-disk cache, one interface), or None for objectives without one."""
+    """The SLM reference (online engine or on-disk cache, one interface), or None for objectives without one.
+    A mixture's reference is checked against its first component (all share one tokenizer); config validation
+    keeps reference.cache away from mixtures and document masking."""
     if cfg.objective != "slm":
         return None
     from megaslm.reference import make_reference
@@ -209,8 +252,12 @@ class Trainer:
         self.device = mdist.device()
 
         self.data = build_data(cfg)
-        self.train_shards, self.valid_shards = self.data.train, self.data.valid
-        self.loader = make_loader(cfg, self.data.train, g, train=True)
+        self.train_shards = self.data.train
+        self.loader = make_loader(cfg, self.data.components or self.data.train, g, train=True)
+        # Per-source ids the objective counts: a mixture's names, or the shards' input files (track_sources).
+        self.source_names = getattr(self.loader, "source_names", None)
+        if self.source_names is None and cfg.data.track_sources:
+            self.source_names = [str(i) for i in range(len(self.train_shards.sources))]
         self.model = build_model(cfg, self.data, g, ds_base, self.dtype)
         self.engine, self.scheduler = self.model.engine, self.model.scheduler
         self.ds_config, self.lm_config, self.summary = self.model.ds_config, self.model.hf_config, self.model.summary
@@ -248,16 +295,18 @@ class Trainer:
     def _micro_step(self, batch: dict, last: bool = False) -> dict:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
-        token_loss = self.engine(input_ids, labels)
+        extra = model_inputs(batch, self.device)
+        token_loss = self.engine(input_ids, labels, **extra)
         ref_loss = None
         if self.reference is not None:
-            ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"]})
+            ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"],
+                                                  **extra})
         source = batch.get("source")
         loss, stats = compute_objective(
             token_loss, ref_loss, labels != -100, objective=self.cfg.objective, ratio=self.cfg.slm.ratio,
             scope=self.cfg.slm.scope, dp_group=self.groups.dp_group,
             source=source.to(self.device) if source is not None else None,
-            num_sources=len(self.train_shards.sources) if source is not None else 0,
+            num_sources=len(self.source_names) if source is not None else 0,
             # The stop check rides on the last micro-step's metrics all-reduce (no collective of its own).
             stop_requested=self.preemption.requested() if last else None)
         self.engine.backward(loss)
@@ -290,26 +339,41 @@ class Trainer:
         if "n_selected" in rec:
             rec["selected_tokens_per_s"] = rec["n_selected"] / dt
         rec["tokens_seen"] = self.step * self.tokens_per_step
-        rec["epoch"] = self.loader.state_dict().get("epoch", 0)
+        rec["epoch"] = self.loader.epoch
+        if isinstance(self.loader, MixtureLoader):
+            rec = name_sources(rec, self.source_names)
+            rec.update({f"epoch/{c.name}": e for c, e in zip(self.loader.components, self.loader.epochs)})
         for cb in self.callbacks:
             cb.post_step(self, rec)
         return rec
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if self.valid_shards is None:
-            return None
+    def evaluate(self) -> dict[str, float | None]:
+        """Mean CE over the labelled tokens of each validation set: {name: loss} in config order (None for a
+        set with no labelled token)."""
         self.engine.eval()
-        loader = make_loader(self.cfg, self.valid_shards, self.groups, train=False)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in loader.eval_batches(self.cfg.data.valid_sequences):
-            labels = batch["labels"].to(self.device)
-            token_loss = self.engine(batch["input_ids"].to(self.device), labels)
-            total[0] += token_loss.double().sum()
-            total[1] += (labels != -100).sum()
-        dist.all_reduce(total, group=self.groups.dp_group)
+        out = {}
+        for name, shards in self.data.valid.items():
+            loader = make_loader(self.cfg, shards, self.groups, train=False)
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for batch in loader.eval_batches(self.cfg.data.valid_sequences):
+                labels = batch["labels"].to(self.device)
+                token_loss = self.engine(batch["input_ids"].to(self.device), labels, **model_inputs(batch, self.device))
+                total[0] += token_loss.double().sum()
+                total[1] += (labels != -100).sum()
+            dist.all_reduce(total, group=self.groups.dp_group)  # sums over ranks: every rank gets the same loss
+            out[name] = (total[0] / total[1]).item() if total[1] > 0 else None
         self.engine.train()
-        return (total[0] / total[1]).item() if total[1] > 0 else None
+        return out
+
+    def validation_metrics(self) -> dict:
+        """val_loss (the first set's, so existing tools keep working) and, for a data.valid mapping,
+        val_loss/<name> for every set."""
+        losses = self.evaluate()
+        rec = {"val_loss": next(iter(losses.values()))}
+        if isinstance(self.cfg.data.valid, dict):
+            rec.update({f"val_loss/{k}": v for k, v in losses.items()})
+        return rec
 
     def save(self) -> None:
         state = {"step": self.step, "loader": self.loader.state_dict(), "objective": self.cfg.objective,
@@ -332,8 +396,8 @@ class Trainer:
             rec = self.train_step()
             maybe_fail("crash_after_step", self.step)
             last = self.step == t.steps
-            if self.valid_shards is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
-                rec["val_loss"] = self.evaluate()
+            if self.data.valid and ((t.eval_every and self.step % t.eval_every == 0) or last):
+                rec.update(self.validation_metrics())
             if self.step % t.log_every == 0 or last or "val_loss" in rec:
                 self.monitor.log(rec, _console_line(rec, t.steps))
             stop = self.stop_requested

@@ -93,3 +93,37 @@ def test_resolved_config_round_trips(tmp_path):
 def test_ds_config_names_resolve_inside_the_checkout():
     assert resolve_path("ds_configs/zero3.json").is_file()
     assert resolve_path("zero3_offload").is_file()
+
+
+def test_mixture_and_named_validation_sets_parse_default_and_round_trip(tmp_path):
+    data = {**MIN, "data": {"train": [{"path": "/s/web/", "weight": 3}, {"path": "/s/code", "weight": 1, "name": "c"}],
+                            "valid": {"clean": "/v/clean", "web": "/v/web"}, "document_mask": True}}
+    cfg = load_config(write(tmp_path, data))
+    assert [(c.name, c.path, c.weight) for c in cfg.data.train] == [("web", "/s/web/", 3.0), ("c", "/s/code", 1.0)]
+    assert cfg.data.valid == {"clean": "/v/clean", "web": "/v/web"} and cfg.data.document_mask is True
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    over = load_config(write(tmp_path, MIN), ["data.train=[{path: /a, weight: 2}, {path: /b}]"])
+    assert [(c.name, c.weight) for c in over.data.train] == [("a", 2.0), ("b", 1.0)]
+
+
+@pytest.mark.parametrize("train, valid, needle", [
+    ([{"path": "/a", "weight": 0}], None, "data.train[0].weight must be > 0"),
+    ([{"path": "/x/a"}, {"path": "/y/a"}], None, "component names must differ"),
+    ([{"pth": "/a"}], None, "unknown config key 'data.train[0].pth'"),
+    ([{"weight": 1}], None, "data.train[0].path is required"),
+    ("/a", {}, "data.valid is an empty mapping"),
+    ("/a", {"clean": ["/v"]}, "data.valid.clean must be a string"),
+])
+def test_bad_mixtures_name_the_key(tmp_path, train, valid, needle):
+    data = {**MIN, "data": {"train": train, **({"valid": valid} if valid is not None else {})}}
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, data))
+    assert needle in str(e.value)
+
+
+def test_reference_cache_refused_with_mixture_or_document_mask(tmp_path):
+    base = {**MIN, "objective": "slm", "reference": {"cache": "/c"}}
+    for data in ({"train": [{"path": "/a"}]}, {"train": "/a", "document_mask": True}):
+        with pytest.raises(UserError, match="reference.cache cannot be used"):
+            load_config(write(tmp_path, {**base, "data": data}))

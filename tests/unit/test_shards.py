@@ -120,8 +120,8 @@ def test_validation_errors_name_the_file(tmp_path):
     d = broken("partial_meta", lambda d: (d / "meta.json").write_text((good / "meta.json").read_text()[:50]))
     with pytest.raises(UserError, match="partial_meta/meta.json"):
         ShardSet(d)
-    d = broken("version", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "format_version": 2})))
-    with pytest.raises(UserError, match="format_version 2"):
+    d = broken("version", lambda d: (d / "meta.json").write_text(json.dumps({**meta, "format_version": 99})))
+    with pytest.raises(UserError, match="format_version 99"):
         ShardSet(d)
     first = meta["shards"][0]["file"]
     d = broken("truncated", lambda d: open(d / first, "r+b").truncate(10))
@@ -189,3 +189,38 @@ def test_check_compatible(tmp_path):
         check_compatible(s, 1000, None, "tiny")
     with pytest.raises(UserError, match=r"different tokenizer.*abab.*tiny.*ffff"):
         check_compatible(s, 512, "f" * 64, "tiny")
+
+
+def test_loss_mask_written_beside_tokens_and_read_back(tmp_path):
+    """Masks cross file boundaries like tokens; EOS takes its document's last mask; unmasked sets read as ones."""
+    docs, srcs = make_docs(60, 1000, seed=4)
+    rng = np.random.default_rng(5)
+    masks = [rng.integers(0, 2, size=len(d)).astype(np.uint8) for d in docs]
+    out = tmp_path / "m"
+    with ShardWriter(str(out), 1000, "ab" * 32, EOS, ["a", "b", "c"], max_tokens_per_shard=50,
+                     buffer_tokens=17, loss_mask=True) as w:
+        for d, s, m in zip(docs, srcs, masks):
+            w.add_document(d, s, m)
+        meta = w.close()
+    expect = []
+    for d, m in zip(docs, masks):
+        expect += list(m) + [m[-1] if len(m) else 1]
+    s = ShardSet(str(out))
+    assert meta["format_version"] == 2 and s.has_loss_mask and len(meta["shards"]) > 2
+    assert s.read_loss_mask(0, s.num_tokens).tolist() == [bool(x) for x in expect]
+    assert s.read_loss_mask(7, 93).tolist() == [bool(x) for x in expect[7:93]]
+    toks, _ = reference(docs, srcs)
+    assert s.read(0, s.num_tokens).tolist() == toks.tolist()
+
+
+def test_format_version_1_sets_still_read(tmp_path):
+    docs, srcs = make_docs(20, 1000)
+    out = tmp_path / "v1"
+    write(out, docs, srcs)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["format_version"] = 1
+    del meta["loss_mask"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    s = ShardSet(str(out))
+    assert not s.has_loss_mask and s.read_loss_mask(0, 10).all()
+    assert s.read(0, s.num_tokens).tolist() == reference(docs, srcs)[0].tolist()
