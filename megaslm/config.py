@@ -112,6 +112,16 @@ class ReferenceConfig:
 
 
 @dataclass
+class LossHeadConfig:
+    """The LM-head cross-entropy (megaslm/loss/per_token_ce.py; docs/loss_head.md). Logits are computed in
+    [chunk_tokens, vocab_block] fp32 tiles, never whole."""
+
+    chunk_tokens: int | None = None  # tokens per tile; null: every token of the micro-batch in one chunk
+    vocab_block: int | None = None  # vocabulary rows per tile; null: max(128, hidden_size / 2)
+    keep_logits_mib: float = 0.0  # MiB of fp32 tiles kept from forward to backward (memory for speed); 0: recompute
+
+
+@dataclass
 class ParallelConfig:
     tensor: int = 1
 
@@ -128,6 +138,7 @@ class Config:
     slm: SLMConfig = field(default_factory=SLMConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss_head: LossHeadConfig = field(default_factory=LossHeadConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -280,6 +291,12 @@ def validate(cfg: Config, src: str = "config") -> Config:
         raise bad("wandb.mode", f"must be online, offline or disabled, got {cfg.wandb.mode!r}")
     if cfg.parallel.tensor < 1:
         raise bad("parallel.tensor", f"must be >= 1, got {cfg.parallel.tensor}")
+    for name in ("chunk_tokens", "vocab_block"):
+        value = getattr(cfg.loss_head, name)
+        if value is not None and value < 1:
+            raise bad(f"loss_head.{name}", f"must be >= 1 or null (automatic), got {value}")
+    if not cfg.loss_head.keep_logits_mib >= 0:
+        raise bad("loss_head.keep_logits_mib", f"must be >= 0 (0: always recompute), got {cfg.loss_head.keep_logits_mib}")
     return cfg
 
 

@@ -22,6 +22,7 @@ def compute_objective(
     dp_group: dist.ProcessGroup | None = None,
     source: torch.Tensor | None = None,
     num_sources: int = 0,
+    stop_requested: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank.
 
@@ -38,7 +39,9 @@ def compute_objective(
     selected_frac, threshold (excess of the k-th selected token; for the local scopes the lowest selected
     excess of the group), excess_p10/p50/p90 (exact, numpy's "lower" quantiles), n_selected. Means over no
     tokens are omitted rather than NaN. With `source`, tokens/<i> for every source and (slm) selected_frac/<i>
-    for the sources with tokens.
+    for the sources with tokens. stop_requested: this rank's stop flag, summed over dp_group in the same
+    all-reduce as the metrics (the trainer's per-step stop check costs no collective of its own); the count of
+    ranks that asked comes back as stats["stop_requested"]. Every rank of dp_group passes one or none.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -86,6 +89,8 @@ def compute_objective(
         src_valid = torch.bincount(src.reshape(-1), minlength=num_sources + 1)[:num_sources]
         src_sel = torch.bincount(src[selected], minlength=num_sources + 1)[:num_sources]
         sums = torch.cat([sums, src_valid.double(), src_sel.double()])
+    if stop_requested is not None:
+        sums = torch.cat([sums, sums.new_tensor([float(stop_requested)])])
     if dp_group is not None:
         dist.all_reduce(sums, group=dp_group)
     totals = sums.tolist()
@@ -126,4 +131,6 @@ def compute_objective(
             stats[f"tokens/{i}"] = n_i
             if objective == "slm" and n_i > 0:
                 stats[f"selected_frac/{i}"] = sel_i / n_i
+    if stop_requested is not None:
+        stats["stop_requested"] = totals[-1]
     return loss, stats

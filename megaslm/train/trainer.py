@@ -187,7 +187,10 @@ def build_model(cfg: Config, data: Data, groups: ParallelGroups, ds_base: dict, 
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tp.check_model_config(lm.config, groups.tp_size, f"model {cfg.model.init_from or cfg.model.preset}")
     summary = model_summary(lm)  # before AutoTP: the full (unsharded) parameter count
-    model = TokenLossModel(lm, tp_group=groups.tp_group, zero3=zero_stage(ds_config) == 3)
+    head = cfg.loss_head
+    model = TokenLossModel(lm, tp_group=groups.tp_group, chunk_size=head.chunk_tokens,
+                           zero3=zero_stage(ds_config) == 3, vocab_block=head.vocab_block,
+                           keep_bytes=int(head.keep_logits_mib * 2**20))
     sched = make_scheduler(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
@@ -293,7 +296,7 @@ class Trainer:
         self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops()
 
     # ------------------------------------------------------------------ one optimizer step
-    def _micro_step(self, batch: dict) -> dict:
+    def _micro_step(self, batch: dict, last: bool = False) -> dict:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         extra = model_inputs(batch, self.device)
@@ -308,8 +311,10 @@ class Trainer:
                 token_loss, ref_loss, labels != -100, objective=self.cfg.objective, ratio=self.cfg.slm.ratio,
                 scope=self.cfg.slm.scope, dp_group=self.groups.dp_group,
                 source=source.to(self.device) if source is not None else None,
-                num_sources=len(self.source_names) if source is not None else 0)
-        except ValueError as e:  # SLM's selection refuses NaN excess losses (on every rank at once)
+                num_sources=len(self.source_names) if source is not None else 0,
+                # The stop check rides on the last micro-step's metrics all-reduce (no collective of its own).
+                stop_requested=self.preemption.requested() if last else None)
+        except ValueError as e:  # SLM's selection refuses NaN losses, on every rank at once (a stop waits a step)
             loss, stats = nan_step(e, token_loss)
         self.guard.observe(stats)  # before the boundary step(), which applies or skips the update
         self.engine.backward(loss)
@@ -321,12 +326,15 @@ class Trainer:
         for cb in self.callbacks:
             cb.pre_step(self)
         t0 = time.time()
-        per_micro = [self._micro_step(self.loader.next_batch()) for _ in range(self.cfg.train.grad_accum)]
+        n = self.cfg.train.grad_accum
+        per_micro = [self._micro_step(self.loader.next_batch(), last=i == n - 1) for i in range(n)]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.time() - t0
         self.step += 1
         rec = _average_stats(per_micro)
+        # Ranks that asked to stop, all-reduced with the last micro-step's metrics: every rank decides alike.
+        self.stop_requested = rec.pop("stop_requested", 0) > 0
         rec["step"] = self.step
         rec["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
         gn = self.engine.get_global_grad_norm()
@@ -400,12 +408,11 @@ class Trainer:
                 rec.update(self.validation_metrics())
             if self.step % t.log_every == 0 or last or "val_loss" in rec:
                 self.monitor.log(rec, _console_line(rec, t.steps))
-            stop = torch.tensor([1.0 if self.preemption.requested() else 0.0], device=self.device)
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if (t.save_every and self.step % t.save_every == 0) or last or stop.item() > 0:
+            stop = self.stop_requested
+            if (t.save_every and self.step % t.save_every == 0) or last or stop:
                 self.save()
                 saved_at = self.step
-            if stop.item() > 0:
+            if stop:
                 if self.is_main:
                     print(f"megaslm: stop signal received: checkpoint saved at step {self.step}", flush=True)
                 self._end()
