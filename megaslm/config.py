@@ -76,6 +76,11 @@ class TrainConfig:
     log_every: int = 1
     token_view_every: int = 0  # 0: off; else log the token view of a fixed held-out sample every N steps
     peak_tflops: float | None = None  # per device, for MFU; default from a table of known GPUs
+    resume_from: str = "latest"  # latest (newest checkpoint that verifies) | a tag (step_00000300) | none
+    max_skipped_steps: int = 10  # stop after this many consecutive skipped steps (non-finite loss/grad or spike)
+    spike_skip_sigma: float | None = None  # skip a step whose loss is this many std devs above the window mean
+    spike_window: int = 128  # steps in the loss window of spike_skip_sigma (judged once half full)
+    profile_steps: list[int] = field(default_factory=list)  # [N, M]: torch.profiler trace of steps N..M
 
 
 @dataclass
@@ -119,6 +124,16 @@ class ReferenceConfig:
 
 
 @dataclass
+class LossHeadConfig:
+    """The LM-head cross-entropy (megaslm/loss/per_token_ce.py; docs/loss_head.md). Logits are computed in
+    [chunk_tokens, vocab_block] fp32 tiles, never whole."""
+
+    chunk_tokens: int | None = None  # tokens per tile; null: every token of the micro-batch in one chunk
+    vocab_block: int | None = None  # vocabulary rows per tile; null: max(128, hidden_size / 2)
+    keep_logits_mib: float = 0.0  # MiB of fp32 tiles kept from forward to backward (memory for speed); 0: recompute
+
+
+@dataclass
 class ParallelConfig:
     tensor: int = 1
 
@@ -135,6 +150,7 @@ class Config:
     slm: SLMConfig = field(default_factory=SLMConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss_head: LossHeadConfig = field(default_factory=LossHeadConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -260,6 +276,7 @@ def validate(cfg: Config, src: str = "config") -> Config:
         raise bad("train.log_every", f"must be >= 1, got {t.log_every}")
     if t.keep_checkpoints < 0:
         raise bad("train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
+    _validate_resilience(t, bad)
     if not t.lr > 0:
         raise bad("train.lr", f"must be > 0, got {t.lr}")
     if not 0 <= t.min_lr_ratio <= 1:
@@ -285,6 +302,12 @@ def validate(cfg: Config, src: str = "config") -> Config:
         raise bad("wandb.mode", f"must be online, offline or disabled, got {cfg.wandb.mode!r}")
     if cfg.parallel.tensor < 1:
         raise bad("parallel.tensor", f"must be >= 1, got {cfg.parallel.tensor}")
+    for name in ("chunk_tokens", "vocab_block"):
+        value = getattr(cfg.loss_head, name)
+        if value is not None and value < 1:
+            raise bad(f"loss_head.{name}", f"must be >= 1 or null (automatic), got {value}")
+    if not cfg.loss_head.keep_logits_mib >= 0:
+        raise bad("loss_head.keep_logits_mib", f"must be >= 0 (0: always recompute), got {cfg.loss_head.keep_logits_mib}")
     return cfg
 
 
@@ -319,6 +342,23 @@ def _validate_slm(cfg: Config, bad) -> None:
     if cfg.objective == "slm" and s.score == "excess" and not (paths or r.cache or r.ema_decay is not None):
         raise bad("reference.path", "is required when objective is slm with slm.score excess (or reference.cache "
                   "or reference.ema_decay)")
+
+
+def _validate_resilience(t: TrainConfig, bad) -> None:
+    import re
+
+    if t.resume_from not in ("latest", "none") and not re.fullmatch(r"step_\d{8}", t.resume_from):
+        raise bad("train.resume_from", f"must be latest, none or a checkpoint tag like step_00000300, "
+                  f"got {t.resume_from!r}")
+    if t.max_skipped_steps < 1:
+        raise bad("train.max_skipped_steps", f"must be >= 1, got {t.max_skipped_steps}")
+    if t.spike_skip_sigma is not None and not t.spike_skip_sigma > 0:
+        raise bad("train.spike_skip_sigma", f"must be > 0 (or null: off), got {t.spike_skip_sigma}")
+    if t.spike_window < 4:
+        raise bad("train.spike_window", f"must be >= 4, got {t.spike_window}")
+    p = t.profile_steps
+    if p and not (len(p) == 2 and 1 <= p[0] <= p[1]):
+        raise bad("train.profile_steps", f"must be [N, M] with 1 <= N <= M (or []: off), got {p}")
 
 
 def _validate_data(d: DataConfig, bad) -> None:

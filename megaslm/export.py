@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from megaslm.errors import UserError
 from megaslm.parallel.tensor import consolidate_tp_checkpoint, merge_tp_shards, read_layout
-from megaslm.train.checkpoint import latest_tag
+from megaslm.train import manifest
+from megaslm.train.checkpoint import candidates, list_tags
 
 PREFIX = "lm."  # TokenLossModel keeps the Hugging Face model as `.lm`
 
@@ -62,6 +64,29 @@ def find_tokenizer(run_dir: Path) -> str | None:
     return None
 
 
+def verified_tag(ckpt_root: Path, tag: str | None) -> str:
+    """The tag to read, checked against its manifest as resume checks it: the given tag, or the newest
+    checkpoint that passes (saying so on stderr when that is not the latest)."""
+    if tag is not None and not (ckpt_root / tag).is_dir():
+        raise UserError(f"{ckpt_root}: no checkpoint {tag} (have: {', '.join(list_tags(ckpt_root)) or 'none'})")
+    tags = candidates(ckpt_root, tag or "latest")
+    if not tags:
+        raise UserError(f"{ckpt_root}: no complete checkpoint")
+    problems = []
+    for t in tags:
+        problem = manifest.verify(ckpt_root / t)
+        if problem is None:
+            if problems:
+                print(f"megaslm: using {t}, the newest checkpoint that passes verification", file=sys.stderr)
+            elif not manifest.has_manifest(ckpt_root / t):
+                print(f"megaslm: checkpoint {t} has no manifest (written before megaslm recorded them): "
+                      f"reading it without verification", file=sys.stderr)
+            return t
+        problems.append(problem)
+        print(f"megaslm: checkpoint {t} is unusable: {problem}", file=sys.stderr)
+    raise UserError(f"no checkpoint in {ckpt_root} passes verification ({'; '.join(problems)})")
+
+
 def load_run_model(run_dir: str | Path, tag: str | None = None):
     """(model, tag): the Hugging Face model of a run's checkpoint `tag` (default: the latest complete one), in the
     checkpoint's fp32 master precision, on the CPU."""
@@ -69,11 +94,17 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     ckpt_root = run / "checkpoints"
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a megaslm run directory (no config.yaml)")
-    tag = tag or latest_tag(ckpt_root)
-    if tag is None or not (ckpt_root / tag).is_dir():
-        raise UserError(f"{ckpt_root}: no complete checkpoint{f' {tag}' if tag else ''}")
+    tag = verified_tag(ckpt_root, tag)
     hf_cfg = AutoConfig.from_pretrained(run / "hf_config", local_files_only=True)
-    state = consolidated_state_dict(ckpt_root, tag, run)
+    try:
+        state = consolidated_state_dict(ckpt_root, tag, run)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file: name it if a deep check finds it
+        problem = manifest.diagnose(ckpt_root / tag)
+        if problem is None:
+            raise
+        raise UserError(f"checkpoint {tag} cannot be read: {problem}") from e
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg)

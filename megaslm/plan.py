@@ -10,8 +10,9 @@ the DeepSpeed JSON is read, and every figure is a formula stated beside it (docs
   zero3_offload (the working set only), cache (nothing);
 - saved activations of one micro-batch, with and without activation checkpointing
   (`ModelDescription.activation_bytes`, Korthikanti et al. 2022's method on a Llama layer);
-- the loss head's working set (fp32 logits of one chunk of tokens and their gradient, plus the fp32 weight-gradient
-  accumulator when there is more than one chunk);
+- the loss head's working set (one fp32 [chunk, vocab block] tile of logits and its 16-bit copy, the compacted
+  hidden states and their fp32 gradient, the fp32 weight-gradient accumulator when there is more than one token
+  chunk, and the tiles kept under loss_head.keep_logits_mib);
 - communication buckets from the DeepSpeed JSON (DeepSpeed's defaults when absent) and a fixed allowance for the
   CUDA context, NCCL and allocator fragmentation.
 
@@ -113,15 +114,18 @@ def resolve_placement(cfg: Config, ref: ModelDescription, d: int, hw: Hardware) 
 
 
 # ----------------------------------------------------------------------------------------------- the loss head
-def loss_head_bytes(tokens: int, vocab_local: int, hidden: int, d: int) -> tuple[int, int]:
+def loss_head_bytes(tokens: int, vocab_local: int, hidden: int, d: int, *, chunk_tokens: int | None = None,
+                    vocab_block: int | None = None, keep_bytes: int = 0) -> tuple[int, int]:
     """(bytes of per_token_ce's working set, tokens per chunk) for one micro-batch on one device."""
-    from megaslm.loss.per_token_ce import DEFAULT_CHUNK_BYTES  # the chunk per_token_ce picks by default
+    from megaslm.loss.per_token_ce import default_vocab_block  # the tile per_token_ce picks by default
 
-    chunk = min(tokens, max(1, DEFAULT_CHUNK_BYTES // (4 * max(1, vocab_local))))
-    work = chunk * vocab_local * (4 + d)  # fp32 logits of a chunk, its 16-bit gradient in backward
+    chunk = min(tokens, chunk_tokens or tokens)
+    block = min(vocab_local, vocab_block or default_vocab_block(hidden))
+    work = chunk * block * (4 + d)  # an fp32 tile of logits, its 16-bit copy in backward
+    work += chunk * hidden * (d + 4)  # compacted hidden states of the tokens with a gradient, their fp32 gradient
     if chunk < tokens:
-        work += vocab_local * hidden * (4 + d)  # fp32 accumulator and a per-chunk product of the weight gradient
-    return work, chunk
+        work += vocab_local * hidden * 4  # the weight gradient summed over the token chunks in fp32
+    return work + min(keep_bytes, tokens * vocab_local * 4), chunk
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -167,7 +171,10 @@ def plan(cfg: Config, hw: Hardware) -> dict:
     ckpt = cfg.model.activation_checkpointing
     act = {False: model.activation_bytes(tokens_micro, dtype, False) // tp,
            True: model.activation_bytes(tokens_micro, dtype, True) // tp}
-    head, chunk = loss_head_bytes(tokens_micro, -(-model.vocab_size // tp), model.hidden, d)
+    lh = cfg.loss_head
+    head, chunk = loss_head_bytes(tokens_micro, -(-model.vocab_size // tp), model.hidden, d,
+                                  chunk_tokens=lh.chunk_tokens, vocab_block=lh.vocab_block,
+                                  keep_bytes=int(lh.keep_logits_mib * 2**20))
     memory = {
         "model_states": model_states_bytes(model.params // tp, model.largest_module // tp, stage, dp,
                                            offload_optimizer=off_opt, offload_param=off_par),

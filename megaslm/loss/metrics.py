@@ -52,6 +52,8 @@ class Metrics(dict):
     def combine(cls, parts: list["Metrics"]) -> "Metrics":
         out = cls()
         for p in parts:
-            for name, (kind, a, b) in p.terms.items():
+            # A plain dict (a micro-step skipped for NaN losses reports {"loss": nan}) counts as means.
+            terms = p.terms if isinstance(p, Metrics) else {k: (MEAN, float(v), 1.0) for k, v in p.items()}
+            for name, (kind, a, b) in terms.items():
                 out._add(name, kind, a, b)
         return out

@@ -89,6 +89,7 @@ def compute_objective(
     score: str = "excess",
     temperature: float = 1.0,
     step: StepNorm | None = None,
+    stop_requested: bool | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank.
 
@@ -104,6 +105,9 @@ def compute_objective(
     selected), ref_loss (score excess), selected_frac, n_selected, threshold, excess_p10/p50/p90 (quantiles of the
     score); for soft also effective_frac (sum w / n_valid) and weight_entropy (nats, of w / sum w). Means over no
     tokens are omitted rather than NaN. With `source`: tokens/<i>, and (slm) selected_frac/<i>.
+    stop_requested: this rank's stop flag, summed over dp_group in the same all-reduce as the metrics (the
+    trainer's per-step stop check costs no collective of its own); the count of ranks that asked comes back as
+    stats["stop_requested"]. Every rank of dp_group passes one or none.
     """
     name = _check(token_loss, ref_loss, valid, objective, ratio, scope, weighting, score, source)
     group = _group(dp_group)
@@ -118,7 +122,8 @@ def compute_objective(
     live = valid & (w.weights > 0)
     weighted_sum = torch.where(live, token_loss * w.weights, 0.0).sum()
 
-    sums, layout = _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_sources, group)
+    sums, layout = _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_sources, group,
+                                stop_requested)
     w_micro, n_micro = sums["w"], sums["n_valid"]
     if step is None:
         step = StepNorm(1, n_micro, w_micro if name != "soft" else None)
@@ -155,7 +160,7 @@ def _check(token_loss, ref_loss, valid, objective, ratio, scope, weighting, scor
     return weighting
 
 
-def _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_sources, group):
+def _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_sources, group, stop_requested):
     """Every sum the metrics and the normalization need, in one all-reduce (float64: counts stay exact)."""
     loss_d = token_loss.detach().double()
     wd, sel = w.weights.double(), w.selected
@@ -171,6 +176,8 @@ def _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_source
         parts["ref"] = torch.where(valid, ref_loss.detach().double(), 0.0).sum()
     if name == "soft":
         parts["wlogw"] = torch.where(wd > 0, wd * torch.log(wd.clamp_min(1e-300)), 0.0).sum()
+    if stop_requested is not None:
+        parts["stop_requested"] = wd.new_tensor(float(stop_requested))
     layout = list(parts)
     vec = torch.stack(list(parts.values()))
     if source is not None and num_sources > 0:
@@ -189,6 +196,8 @@ def _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_source
 def _metrics(sums, layout, w, name, objective, score, scope, group, num_sources) -> Metrics:
     m = Metrics()
     m.total("n_valid", sums["n_valid"])
+    if "stop_requested" in sums:
+        m.total("stop_requested", sums["stop_requested"])
     m.ratio("loss", sums["wl"], sums["w"])
     m.ratio("loss_all", sums["all_loss"], sums["n_valid"])
     srcs = sums["_sources"]

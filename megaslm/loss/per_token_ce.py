@@ -1,11 +1,24 @@
-"""Per-token cross-entropy of an LM head, chunked over tokens, optionally vocab-parallel.
+"""Per-token cross-entropy of an LM head, tiled over tokens and vocabulary, optionally vocab-parallel.
 
 `per_token_ce(hidden, weight, labels)` equals
 `F.cross_entropy(hidden @ weight.T, labels, reduction="none", ignore_index=...)` in float32, but never holds the
-full [tokens, vocab] logits: forward keeps only each token's logsumexp, and backward recomputes the logits one
-chunk of tokens at a time. With `tp_group`, `weight` is this rank's slice of the vocabulary
-(`torch.tensor_split(full_weight, G, dim=0)[rank]`) and the softmax statistics are combined with all-reduces of a
-few floats per token (Megatron's vocab-parallel cross-entropy), so the logits are never gathered either.
+full [tokens, vocab] logits. The logits are computed one [token chunk, vocabulary block] tile at a time. Forward
+keeps only each token's logsumexp (an online softmax over the blocks: running max and rescaled sum of exps);
+backward recomputes each tile from it. Blocking the vocabulary, not only the tokens, lets every tile see all the
+tokens: each weight block is read once per pass and each block of the weight gradient is written once, where
+token chunks would re-read the whole weight and re-add the whole weight gradient for every chunk.
+
+With `tp_group`, `weight` is this rank's slice of the vocabulary (`torch.tensor_split(full_weight, G, dim=0)[rank]`)
+and the per-token statistics are combined with two all-reduces per call (Megatron's vocab-parallel cross-entropy:
+max, then sum-exp and target logit), so the logits are never gathered either.
+
+SLM-aware backward: only the tokens whose incoming gradient is nonzero enter the backward matmuls. Under selective
+language modeling an unselected token (and an ignored label) has gradient exactly 0: its logits are not
+recomputed, its row of the hidden-state gradient is 0 and it adds nothing to the weight gradient. The result
+equals full-logits autograd on the same mask (up to float summation order).
+
+Memory for speed (`keep_bytes`): the first tiles' exp-logits, up to `keep_bytes` in all, are kept from forward to
+backward and skip the recompute. 0 (the default) keeps nothing. docs/loss_head.md has the measurements.
 """
 
 from __future__ import annotations
@@ -13,8 +26,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# Default chunk: keep one chunk's fp32 logits near this many bytes (2048 tokens at a 32k vocabulary).
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Vocabulary rows per block: a block's fp32 logits hold about half as many values as the hidden states
+# (tokens x hidden_size / 2), but never fewer rows than this, below which the matmuls are too thin to run at speed
+# (docs/loss_head.md has the measurements).
+MIN_VOCAB_BLOCK = 128
+
+
+def default_vocab_block(hidden_size: int) -> int:
+    """Vocabulary rows per block when every token is in one chunk: a [tokens, block] fp32 block of logits then
+    holds tokens * hidden_size / 2 values, half the hidden states (Liger-Kernel sizes its chunks like them)."""
+    return max(MIN_VOCAB_BLOCK, -(-hidden_size // 2))
 
 
 def per_token_ce(
@@ -25,6 +46,8 @@ def per_token_ce(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     tp_group: dist.ProcessGroup | None = None,
+    vocab_block: int | None = None,
+    keep_bytes: int = 0,
 ) -> torch.Tensor:
     """Float32 cross-entropy of every position, shaped like `labels`.
 
@@ -32,11 +55,14 @@ def per_token_ce(
     labels: [...] long, already aligned with hidden's positions (no shifting here). Positions whose label is
     `ignore_index` give exactly 0 loss and 0 gradient. Differentiable w.r.t. hidden and weight.
 
-    chunk_size: tokens per chunk (None: about 256 MiB of fp32 logits per chunk).
+    chunk_size: tokens per chunk (None: all tokens in one chunk; the vocabulary blocks bound the memory).
+    vocab_block: vocabulary rows per block (None: `default_vocab_block`). Memory: one fp32 [chunk, block] tensor.
     tp_group: vocab-parallel mode. Rank r of the group passes `torch.tensor_split(full_weight, G, dim=0)[r]` and
     gets the full-weight call's losses on every rank. In backward, hidden.grad is summed over the group (so it
     equals the full-weight call's on every rank) and weight.grad holds the shard's rows of the full gradient.
     Every rank of the group must call this with the same hidden shape, labels and chunk_size.
+    keep_bytes: budget for fp32 [chunk, block] exp-logits kept from forward to backward (skipping their
+    recompute), in order; only used when a gradient will be taken. The logits matmul then runs 3 times, not 4.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"per_token_ce: hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
@@ -46,27 +72,35 @@ def per_token_ce(
         raise ValueError("per_token_ce: hidden and weight must be floating point")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"per_token_ce: chunk_size must be >= 1, got {chunk_size}")
+    if vocab_block is not None and vocab_block < 1:
+        raise ValueError(f"per_token_ce: vocab_block must be >= 1, got {vocab_block}")
+    if keep_bytes < 0:
+        raise ValueError(f"per_token_ce: keep_bytes must be >= 0, got {keep_bytes}")
 
     if tp_group is not None:
         vocab_start, vocab_size = _vocab_range(weight.shape[0], tp_group, weight.device)
     else:
         vocab_start, vocab_size = 0, weight.shape[0]
-    # The chunk size fixes the number of collectives, so it must not depend on this rank's shard size.
     if chunk_size is None:
-        per_rank_rows = -(-vocab_size // (dist.get_world_size(tp_group) if tp_group is not None else 1))
-        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (4 * max(1, per_rank_rows)))
+        chunk_size = max(1, labels.numel())
+    if vocab_block is None:
+        vocab_block = default_vocab_block(hidden.shape[-1])
+    # Kept blocks only pay off when backward runs; the reference model's no-grad call never keeps.
+    grad_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    keep_blocks = keep_bytes // (4 * chunk_size * vocab_block) if grad_wanted else 0
 
     labels_flat = labels.reshape(-1)
     valid = labels_flat != ignore_index
     # A label outside the vocabulary would silently read another token's logit under vocab sharding.
     bad = valid & ((labels_flat < 0) | (labels_flat >= vocab_size))
-    if bool(bad.any()):
+    if bool(bad.any()):  # host sync: once per call, to raise before any collective
         raise ValueError(
             f"per_token_ce: label {int(labels_flat[bad][0])} outside the vocabulary [0, {vocab_size}) "
             "(tokenizer and model vocabulary differ?)"
         )
     loss = _ChunkedLinearCE.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels_flat, valid, chunk_size, tp_group, vocab_start
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels_flat, valid, chunk_size, vocab_block, tp_group,
+        vocab_start, keep_blocks,
     )
     return loss.view(labels.shape)
 
@@ -95,79 +129,114 @@ def _local_targets(labels: torch.Tensor, valid: torch.Tensor, vocab_start: int, 
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, valid, chunk_size, tp_group, vocab_start):
+    def forward(ctx, hidden, weight, labels, valid, chunk_size, vocab_block, tp_group, vocab_start, keep_blocks):
         n, rows = hidden.shape[0], weight.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        target = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        # This rank's softmax statistics over its rows, online over vocabulary blocks (flash-attention style):
+        # running max, sum of exp(logit - running max), and the target logit where the label is here.
+        run_max = torch.full((n,), float("-inf"), device=hidden.device)
+        sum_exp = torch.zeros(n, device=hidden.device)
+        target = torch.zeros(n, device=hidden.device)
+        kept = {}  # (token chunk, vocab block) -> (exp(logits - max_at_that_block), that max)
         for s in range(0, n, chunk_size):
-            e = min(n, s + chunk_size)
-            logits = _chunk_logits(hidden[s:e], weight)
-            col, here = _local_targets(labels[s:e], valid[s:e], vocab_start, rows)
-            if rows > 0:
-                tgt = torch.where(here, logits.gather(1, col[:, None]).squeeze(1), 0.0)
-                row_max = logits.amax(dim=1)
-            else:  # an empty shard (vocabulary smaller than the group) contributes nothing
-                tgt = torch.zeros(e - s, device=hidden.device)
-                row_max = torch.full((e - s,), float("-inf"), device=hidden.device)
-            if tp_group is not None:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            # In place: exp(logits - max) reuses the chunk's buffer.
-            sum_exp = logits.sub_(row_max[:, None]).exp_().sum(dim=1)
-            if tp_group is not None:
-                # One all-reduce for both sums: the owner rank holds the target logit, the others hold 0.
-                both = torch.stack([sum_exp, tgt])
-                dist.all_reduce(both, group=tp_group)
-                sum_exp, tgt = both[0], both[1]
-            lse[s:e] = sum_exp.log() + row_max
-            target[s:e] = tgt
-            del logits  # before the next chunk's logits exist, not after
+            t = slice(s, min(n, s + chunk_size))
+            h = hidden[t].to(weight.dtype)
+            for v in range(0, rows, vocab_block):
+                logits = _chunk_logits(h, weight[v:v + vocab_block])
+                col, here = _local_targets(labels[t], valid[t], vocab_start + v, logits.shape[1])
+                target[t] = torch.where(here, logits.gather(1, col[:, None]).squeeze(1), target[t])
+                new_max = torch.maximum(run_max[t], logits.amax(dim=1))
+                # In place: exp(logits - max) reuses the block's buffer.
+                block_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+                sum_exp[t] = sum_exp[t] * (run_max[t] - new_max).exp() + block_sum
+                run_max[t] = new_max
+                if len(kept) < keep_blocks:
+                    kept[(s, v)] = (logits, new_max)
+                del logits  # before the next block's logits exist, not after
+        if tp_group is not None:
+            # Two all-reduces per call whatever the chunking: the global max, then both sums rescaled to it
+            # (the owner rank holds the target logit, the others hold 0).
+            glob_max = run_max.clone()
+            dist.all_reduce(glob_max, op=dist.ReduceOp.MAX, group=tp_group)
+            both = torch.stack([sum_exp * (run_max - glob_max).exp(), target])
+            dist.all_reduce(both, group=tp_group)
+            sum_exp, target, run_max = both[0], both[1], glob_max
+        lse = sum_exp.log() + run_max
         loss = torch.where(valid, lse - target, 0.0)
         ctx.save_for_backward(hidden, weight, labels, valid, lse)
-        ctx.chunk_size, ctx.tp_group, ctx.vocab_start = chunk_size, tp_group, vocab_start
+        ctx.chunk_size, ctx.vocab_block, ctx.tp_group, ctx.vocab_start = chunk_size, vocab_block, tp_group, vocab_start
+        ctx.kept = kept
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         hidden, weight, labels, valid, lse = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, rows, chunk = hidden.shape[0], weight.shape[0], ctx.chunk_size
-        low_precision, single = weight.dtype != torch.float32, n <= chunk
-        # Every row of grad_h is written below, unless this rank holds no vocabulary rows at all.
-        grad_h = (torch.zeros_like(hidden) if rows == 0 else torch.empty_like(hidden)) if need_h else None
-        grad_w = None
-        # grad_w accumulates in fp32 over chunks; a low-precision weight's chunk products go through one reused
-        # buffer (with a single chunk the product already is the gradient).
-        acc_w = None
-        if need_w and not (low_precision and single):
-            acc_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        chunk_gw = torch.empty_like(weight) if need_w and low_precision and not single else None
+        n, rows = hidden.shape[0], weight.shape[0]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = _WeightGrad(weight, n > ctx.chunk_size) if need_w else None
         # d loss_i / d logit_ij = softmax_ij - [j == label_i], scaled by the incoming gradient; 0 when ignored.
         scale = torch.where(valid, grad_loss.float(), 0.0)
-        if rows > 0 and (need_h or need_w):
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                h = hidden[s:e]
-                d = _chunk_logits(h, weight).sub_(lse[s:e, None]).exp_()  # softmax, from the saved lse
-                col, here = _local_targets(labels[s:e], valid[s:e], ctx.vocab_start, rows)
+        live = scale != 0
+        for s in range(0, n if rows > 0 and (need_h or need_w) else 0, ctx.chunk_size):
+            e = min(n, s + ctx.chunk_size)
+            # Only the tokens that carry a gradient enter the matmuls: compact them (no copy when all do).
+            idx = live[s:e].nonzero().squeeze(1)  # host sync: sizes the matmuls
+            if idx.numel() == 0:
+                continue
+            dense = idx.numel() == e - s
+            pos = slice(s, e) if dense else idx + s
+            h = hidden[pos].to(weight.dtype)
+            y, ok, sc, lse_c = labels[pos], valid[pos], scale[pos], lse[pos]
+            # fp32 sum over vocabulary blocks; written straight into grad_h when that is fp32 and contiguous
+            acc_h = None
+            if need_h:
+                acc_h = grad_h[s:e] if dense and grad_h.dtype == torch.float32 else hidden.new_zeros(
+                    (idx.numel(), hidden.shape[1]), dtype=torch.float32)
+            for v in range(0, rows, ctx.vocab_block):
+                w = weight[v:v + ctx.vocab_block]
+                if (s, v) in kept:
+                    d, block_max = kept.pop((s, v))
+                    if not dense:
+                        d = d.index_select(0, idx)
+                        block_max = block_max[idx]
+                    d.mul_((block_max - lse_c).exp_()[:, None])  # the kept exp(logits - max) -> softmax
+                else:
+                    d = _chunk_logits(h, w).sub_(lse_c[:, None]).exp_()  # softmax, from the saved lse
+                col, here = _local_targets(y, ok, ctx.vocab_start + v, w.shape[0])
                 d.scatter_add_(1, col[:, None], -here[:, None].float())
-                d.mul_(scale[s:e, None])
-                if low_precision:
+                d.mul_(sc[:, None])
+                if weight.dtype != torch.float32:
                     d = d.to(weight.dtype)  # the fp32 buffer goes; matmuls run in the weight's dtype
                 if need_h:
-                    grad_h[s:e] = (d @ weight).to(hidden.dtype)
+                    acc_h.addmm_(d, w) if d.dtype == torch.float32 else acc_h.add_(d @ w)
                 if need_w:
-                    if not low_precision:
-                        acc_w.addmm_(d.t(), h.float())
-                    elif single:
-                        grad_w = d.t() @ h.to(weight.dtype)
-                    else:
-                        torch.matmul(d.t(), h.to(weight.dtype), out=chunk_gw)
-                        acc_w += chunk_gw
-                del d  # before the next chunk's logits exist, not after
+                    grad_w.add(v, d.t(), h)
+                del d  # before the next block's logits exist, not after
+            if need_h and acc_h.data_ptr() != grad_h[s:e].data_ptr():
+                grad_h[pos] = acc_h.to(hidden.dtype)
         if need_h and ctx.tp_group is not None:
             # Each rank holds the contribution of its own vocab rows; the head's input is replicated.
             dist.all_reduce(grad_h, group=ctx.tp_group)
-        if need_w and grad_w is None:
-            grad_w = acc_w.to(weight.dtype) if acc_w is not None else torch.zeros_like(weight)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w.result() if need_w else None, None, None, None, None, None, None, None
+
+
+class _WeightGrad:
+    """The weight gradient, one vocabulary block at a time. With one token chunk each block is written once, in
+    the weight's dtype; with several, blocks are summed over the chunks in fp32."""
+
+    def __init__(self, weight, several_chunks: bool):
+        self.weight = weight
+        acc_dtype = torch.float32 if several_chunks else weight.dtype
+        self.grad = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+
+    def add(self, v: int, d_t: torch.Tensor, h: torch.Tensor) -> None:
+        rows = self.grad[v:v + d_t.shape[0]]
+        if rows.dtype == d_t.dtype:
+            rows.addmm_(d_t, h)
+        else:
+            rows += d_t @ h
+
+    def result(self) -> torch.Tensor:
+        return self.grad.to(self.weight.dtype)

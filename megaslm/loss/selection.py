@@ -101,18 +101,18 @@ def select_with_quantiles(
     vals = excess.detach()
     if not vals.is_floating_point():
         raise ValueError(f"excess must be a float tensor, got {vals.dtype}")
-    info = _GroupCounts(vals, valid, group, reduce=scope == "global")
-
     if scope == "global":
+        member = valid.reshape(1, -1).expand(1 + len(qs), -1)
+        info = _GroupCounts(vals, valid, group, reduce=True, member=member)
         ks = [num_to_keep(ratio, info.n_valid)] + [_quantile_rank(q, info.n_valid) for q in qs]
-        member = valid.reshape(1, -1).expand(len(ks), -1)
         value_only = [False] + [True] * len(qs)
         sel, rest = _radix_topk(vals.reshape(1, -1), info.index_keys(vals), info.index_bits, member, ks,
-                                value_only, group)
+                                value_only, group, info.first_hist)
         kth = _kth_values(vals.reshape(1, -1), sel | rest, ks, group)
         mask = sel[0].view_as(valid)
         return mask, kth[0], kth[1:]
 
+    _GroupCounts(vals, valid, group, reduce=False)  # the NaN check
     if scope == "sequence":
         ks = [num_to_keep(ratio, int(n)) for n in valid.sum(dim=1).tolist()]
         keys, member = vals, valid
@@ -138,10 +138,10 @@ def global_kth_largest(
     """
     group = _resolve_group(group)
     vals, valid = values.detach().reshape(1, -1), valid.bool().reshape(1, -1)
-    info = _GroupCounts(vals, valid, group, reduce=True)
+    info = _GroupCounts(vals, valid, group, reduce=True, member=valid)
     if not 0 <= k <= info.n_valid:
         raise ValueError(f"k={k} is outside [0, {info.n_valid}] valid values")
-    sel, rest = _radix_topk(vals, None, 0, valid, [k], [True], group)
+    sel, rest = _radix_topk(vals, None, 0, valid, [k], [True], group, info.first_hist)
     return _kth_values(vals, sel | rest, [k], group)[0]
 
 
@@ -161,10 +161,10 @@ def global_quantiles(
         return []
     group = _resolve_group(group)
     vals, valid = values.detach().reshape(1, -1), valid.bool().reshape(1, -1)
-    info = _GroupCounts(vals, valid, group, reduce=True)
+    member = valid.expand(len(qs), -1)
+    info = _GroupCounts(vals, valid, group, reduce=True, member=member)
     ks = [_quantile_rank(q, info.n_valid) for q in qs]
-    member = valid.expand(len(ks), -1)
-    sel, rest = _radix_topk(vals, None, 0, member, ks, [True] * len(ks), group)
+    sel, rest = _radix_topk(vals, None, 0, member, ks, [True] * len(ks), group, info.first_hist)
     return _kth_values(vals, sel | rest, ks, group)
 
 
@@ -191,9 +191,12 @@ def _index_bits(n_total: int) -> int:
 
 class _GroupCounts:
     """One all-reduce of [n_valid, n_nan, size of rank 0, ..., size of rank G-1]: the number of valid tokens of
-    the group, whether any valid value is NaN, and this rank's offset in the concatenated token order."""
+    the group, whether any valid value is NaN, and this rank's offset in the concatenated token order.
 
-    def __init__(self, vals: torch.Tensor, valid: torch.Tensor, group, reduce: bool):
+    With `member` ([S, n] tokens of S radix searches) the same all-reduce carries the searches' first-round
+    histogram (`first_hist`): that round does not depend on k, so it needs no collective of its own."""
+
+    def __init__(self, vals: torch.Tensor, valid: torch.Tensor, group, reduce: bool, member=None):
         if not reduce:
             group = None
         world = dist.get_world_size(group) if group is not None else 1
@@ -202,9 +205,13 @@ class _GroupCounts:
         counts[0] = valid.sum()
         counts[1] = (valid & vals.isnan()).sum()
         counts[2 + rank] = vals.numel()
+        n_counts = counts.numel()
+        if member is not None:
+            counts = torch.cat([counts, _histogram(_top_digit(vals), member).reshape(-1)])
         if group is not None:
             dist.all_reduce(counts, group=group)
-        counts = counts.tolist()
+        self.first_hist = counts[n_counts:].view(-1, _BINS) if member is not None else None
+        counts = counts[:n_counts].tolist()
         if counts[1]:
             # Raised on every rank at once (the count is all-reduced), so no rank is left waiting in a collective.
             raise ValueError(f"excess loss is NaN on {counts[1]} labelled token(s)")
@@ -238,14 +245,27 @@ def _float_keys(vals: torch.Tensor) -> tuple[torch.Tensor, int]:
     return keys, nbits
 
 
-def _radix_topk(values, index_keys, index_bits, member, ks, value_only, group):
+def _top_digit(values: torch.Tensor) -> torch.Tensor:
+    """The most significant radix digit of each value's key (the first round's digit)."""
+    keys, nbits = _float_keys(values.reshape(1, -1))
+    return (keys >> (nbits - _DIGIT_BITS)) & (_BINS - 1)
+
+
+def _histogram(digit: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """[S, 256] counts of each search's candidate tokens per digit value (digit: [1 or S, n])."""
+    hist = torch.zeros(cand.shape[0], _BINS, dtype=torch.int64, device=cand.device)
+    return hist.scatter_add_(1, digit.expand_as(cand), cand.long())
+
+
+def _radix_topk(values, index_keys, index_bits, member, ks, value_only, group, first_hist=None):
     """Exact top-k of several searches at once by (value, index key), most significant digit first.
 
     values: [1 or S, n] float; index_keys: [1 or S, n] int64 tie-break keys (larger wins) with index_bits bits;
     member: [S, n] bool tokens each search ranks; ks: S counts (identical on every rank); value_only: searches
     that only need the k-th value (they stop after the value digits). Returns (sel, rest): sel [S, n] the tokens
     surely in the top k; rest [S, n] tokens tied with the k-th at the end of a value-only search (empty for the
-    others, whose sel then holds exactly k tokens over the group).
+    others, whose sel then holds exactly k tokens over the group). first_hist: the group's histogram of the
+    first digit over `member`, when the caller already all-reduced it (_GroupCounts).
     """
     s_count, n = member.shape
     vkeys, vbits = _float_keys(values)
@@ -266,10 +286,12 @@ def _radix_topk(values, index_keys, index_bits, member, ks, value_only, group):
         if not bool(active.any()):
             break
         digit = ((keys >> shift) & (_BINS - 1)).expand(s_count, n)
-        hist = torch.zeros(s_count, _BINS, dtype=torch.int64, device=dev)
-        hist.scatter_add_(1, digit, (cand & active[:, None]).long())
-        if group is not None:
-            dist.all_reduce(hist, group=group)
+        if first_hist is not None:  # idle searches' rows are never read: every use below is masked by `active`
+            hist, first_hist = first_hist, None
+        else:
+            hist = _histogram(digit, cand & active[:, None])
+            if group is not None:
+                dist.all_reduce(hist, group=group)  # 2 KiB per search, whatever the number of ranks
         above = hist.flip(1).cumsum(1).flip(1) - hist  # candidates in strictly higher bins
         # The bin holding the k-th remaining key: above < k_rem <= above + hist (the first bin for an idle search).
         hit = (above < k_rem[:, None]) & (above + hist >= k_rem[:, None])

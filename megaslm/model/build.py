@@ -71,13 +71,18 @@ def lm_head_weight(lm: nn.Module) -> nn.Parameter:
 
 class TokenLossModel(nn.Module):
     """forward(input_ids, labels, position_ids=None) -> float32 per-token cross-entropy [B, T] (0 where
-    labels == -100)."""
+    labels == -100).
 
-    def __init__(self, lm: nn.Module, tp_group=None, chunk_size: int | None = None, zero3: bool = False):
+    chunk_size, vocab_block, keep_bytes: the loss head's tiling and memory-for-speed budget (see per_token_ce;
+    the config's `loss_head` section). Nothing is kept when no gradient is taken (the reference model).
+    """
+
+    def __init__(self, lm: nn.Module, tp_group=None, chunk_size: int | None = None, zero3: bool = False, *,
+                 vocab_block: int | None = None, keep_bytes: int = 0):
         super().__init__()
         self.lm = lm
         self.tp_group = tp_group
-        self.chunk_size = chunk_size
+        self.chunk_size, self.vocab_block, self.keep_bytes = chunk_size, vocab_block, keep_bytes
         # DeepSpeed AutoTP installs its own vocab-parallel loss on this hook when the head is vocab-sharded; it must
         # exist and be writable. It is never called: the loss is per_token_ce below.
         self.loss_function = None
@@ -94,7 +99,7 @@ class TokenLossModel(nn.Module):
         hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
         return per_token_ce(hidden, lm_head_weight(self.lm), labels, chunk_size=self.chunk_size,
-                            tp_group=self.tp_group)
+                            tp_group=self.tp_group, vocab_block=self.vocab_block, keep_bytes=self.keep_bytes)
 
 
 def model_summary(lm: nn.Module) -> dict:

@@ -33,7 +33,9 @@ from megaslm.parallel.groups import ParallelGroups
 from megaslm.precision import training_dtype
 from megaslm.train import checkpoint
 from megaslm.train.callbacks import Callback, callback_states, load_callback_states
-from megaslm.train.faults import maybe_fail
+from megaslm.train.faults import corrupt_loss, maybe_fail
+from megaslm.train.guard import SkipGuard, nan_step
+from megaslm.train.halt import RunHalted
 from megaslm.train.preempt import Preemption
 from megaslm.train.schedule import make_scheduler
 
@@ -179,7 +181,10 @@ def build_model(cfg: Config, data: Data, groups: ParallelGroups, ds_base: dict, 
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tp.check_model_config(lm.config, groups.tp_size, f"model {cfg.model.init_from or cfg.model.preset}")
     summary = model_summary(lm)  # before AutoTP: the full (unsharded) parameter count
-    model = TokenLossModel(lm, tp_group=groups.tp_group, zero3=zero_stage(ds_config) == 3)
+    head = cfg.loss_head
+    model = TokenLossModel(lm, tp_group=groups.tp_group, chunk_size=head.chunk_tokens,
+                           zero3=zero_stage(ds_config) == 3, vocab_block=head.vocab_block,
+                           keep_bytes=int(head.keep_logits_mib * 2**20))
     sched = make_scheduler(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
@@ -235,7 +240,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.run.dir).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
-        tp.check_resume(self.run_dir, checkpoint.latest_tag(self.ckpt_root) is not None, cfg.parallel.tensor)
+        tp.check_resume(self.run_dir, bool(checkpoint.candidates(self.ckpt_root, cfg.train.resume_from)),
+                        cfg.parallel.tensor)
         if self.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -255,13 +261,14 @@ class Trainer:
         self.engine, self.scheduler = self.model.engine, self.model.scheduler
         self.ds_config, self.lm_config, self.summary = self.model.ds_config, self.model.hf_config, self.model.summary
         self.reference = build_reference(cfg, self.data, g, self.dtype, self.model)
-        self.callbacks: list[Callback] = list(callbacks or [])
+        self.guard = SkipGuard(cfg.train.max_skipped_steps, cfg.train.spike_skip_sigma, cfg.train.spike_window)
+        self.callbacks: list[Callback] = [self.guard, *(callbacks or [])]
         if isinstance(self.reference, Callback):  # an EMA reference updates after each step, saved with the run
             self.callbacks.append(self.reference)
 
         # Resume.
         self.step = 0
-        state = checkpoint.load(self.engine, self.ckpt_root)
+        state = checkpoint.resume(self.engine, self.ckpt_root, cfg.train.resume_from, self._say)
         if state is not None:
             self.step = int(state["step"])
             self.loader.load_state_dict(state["loader"])
@@ -295,22 +302,28 @@ class Trainer:
         ratio = slm_ratio(s.ratio, self.step, s.start_step, s.ratio_warmup_steps)
         return ("clm", 1.0) if ratio is None else ("slm", ratio)
 
-    def _micro_step(self, batch: dict, objective: str, ratio: float, norm) -> Metrics:
+    def _micro_step(self, batch: dict, objective: str, ratio: float, norm, last: bool = False) -> Metrics:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         extra = model_inputs(batch, self.device)
-        token_loss = self.engine(input_ids, labels, **extra)
+        token_loss = corrupt_loss(self.engine(input_ids, labels, **extra), self.step + 1, self.rank)  # FAULT only
         ref_loss = None
         if self.reference is not None and objective == "slm":
             ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"],
                                                   **extra})
         source = batch.get("source")
         s = self.cfg.slm
-        loss, stats = compute_objective(
-            token_loss, ref_loss, labels != -100, objective=objective, ratio=ratio, scope=s.scope,
-            dp_group=self.groups.dp_group, weighting=s.weighting, score=s.score, temperature=s.temperature,
-            step=norm, source=source.to(self.device) if source is not None else None,
-            num_sources=len(self.source_names) if source is not None else 0)
+        try:
+            loss, stats = compute_objective(
+                token_loss, ref_loss, labels != -100, objective=objective, ratio=ratio, scope=s.scope,
+                dp_group=self.groups.dp_group, weighting=s.weighting, score=s.score, temperature=s.temperature,
+                step=norm, source=source.to(self.device) if source is not None else None,
+                num_sources=len(self.source_names) if source is not None else 0,
+                # The stop check rides on the last micro-step's metrics all-reduce (no collective of its own).
+                stop_requested=self.preemption.requested() if last else None)
+        except ValueError as e:  # SLM's selection refuses NaN losses, on every rank at once (a stop waits a step)
+            loss, stats = nan_step(e, token_loss)
+        self.guard.observe(stats)  # before the boundary step(), which applies or skips the update
         self.engine.backward(loss)
         self.engine.step()
         return stats
@@ -327,7 +340,9 @@ class Trainer:
         norm = plan_step([b["labels"].to(self.device) != -100 for b in batches],
                          weighting=self.cfg.slm.weighting if objective == "slm" else "clm", ratio=ratio,
                          scope=self.cfg.slm.scope, dp_group=self.groups.dp_group)
-        per_micro = [self._micro_step(b, objective, ratio, norm) for b in batches]
+        n = len(batches)
+        per_micro = [self._micro_step(b, objective, ratio, norm, last=i == n - 1)
+                     for i, b in enumerate(batches)]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -335,6 +350,8 @@ class Trainer:
         rec = dict(Metrics.combine(per_micro))
         if self.cfg.objective == "slm":
             rec["slm_ratio"] = ratio
+        # Ranks that asked to stop, all-reduced with the last micro-step's metrics: every rank decides alike.
+        self.stop_requested = rec.pop("stop_requested", 0) > 0
         rec["step"] = self.step
         rec["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
         gn = self.engine.get_global_grad_norm()
@@ -408,12 +425,11 @@ class Trainer:
                 rec.update(self.validation_metrics())
             if self.step % t.log_every == 0 or last or "val_loss" in rec:
                 self.monitor.log(rec, _console_line(rec, t.steps))
-            stop = torch.tensor([1.0 if self.preemption.requested() else 0.0], device=self.device)
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if (t.save_every and self.step % t.save_every == 0) or last or stop.item() > 0:
+            stop = self.stop_requested
+            if (t.save_every and self.step % t.save_every == 0) or last or stop:
                 self.save()
                 saved_at = self.step
-            if stop.item() > 0:
+            if stop:
                 if self.is_main:
                     print(f"megaslm: stop signal received: checkpoint saved at step {self.step}", flush=True)
                 self._end()
@@ -425,6 +441,10 @@ class Trainer:
                   f"{self.run_dir / 'metrics.jsonl'}", flush=True)
         self._end()
         return 0
+
+    def _say(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
 
     def _end(self) -> None:
         for cb in self.callbacks:
@@ -455,6 +475,10 @@ def config_callbacks(cfg: Config) -> list[Callback]:
         from megaslm.analyze.token_view import TokenView
 
         callbacks.append(TokenView(cfg.train.token_view_every))
+    if cfg.train.profile_steps:
+        from megaslm.train.profile import StepProfiler
+
+        callbacks.append(StepProfiler(*cfg.train.profile_steps))
     return callbacks
 
 
@@ -468,6 +492,8 @@ def train(cfg: Config) -> int:
 def main_entry(cfg: Config) -> int:
     try:
         return train(cfg)
+    except RunHalted:  # every rank stopped on purpose; rank 0 printed why
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -29,7 +29,7 @@ def assert_close(actual, expected, rtol, atol):
 # ---- vocab-parallel cross-entropy ------------------------------------------------------------------------------
 
 
-def _vocab_parallel_worker(rank, world, vocab, chunk_size):
+def _vocab_parallel_worker(rank, world, vocab, chunk_size, sparse=False, keep_bytes=0):
     g = torch.Generator().manual_seed(11)  # same inputs on every rank
     hidden_size = 12
     full_w = torch.randn(vocab, hidden_size, generator=g) / 3
@@ -38,6 +38,8 @@ def _vocab_parallel_worker(rank, world, vocab, chunk_size):
     labels[0, :3] = -100
     labels[1, -1] = vocab - 1  # the last shard's last row
     grad_out = torch.rand(2, 7, generator=g) + 0.5
+    if sparse:  # SLM: about 60% of the tokens carry a gradient, the rest exactly 0
+        grad_out *= torch.rand(2, 7, generator=g) < 0.6
 
     # Reference: one process, full weight, full logits, autograd.
     h_ref, w_ref = hidden0.clone().requires_grad_(), full_w.clone().requires_grad_()
@@ -46,8 +48,22 @@ def _vocab_parallel_worker(rank, world, vocab, chunk_size):
 
     shard = torch.tensor_split(full_w, world, dim=0)[rank].clone().requires_grad_()
     hidden = hidden0.clone().requires_grad_()
-    loss = per_token_ce(hidden, shard, labels, chunk_size=chunk_size, tp_group=dist.group.WORLD)
-    (loss * grad_out).sum().backward()
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        loss = per_token_ce(hidden, shard, labels, chunk_size=chunk_size, tp_group=dist.group.WORLD,
+                            vocab_block=16, keep_bytes=keep_bytes)
+        (loss * grad_out).sum().backward()
+    finally:
+        dist.all_reduce = real_all_reduce
+    # Row counts, max, sums, hidden-state gradient: four all-reduces whatever the chunking.
+    assert len(calls) == 4, calls
 
     assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
     assert (loss[labels == -100] == 0).all()
@@ -59,10 +75,13 @@ def _vocab_parallel_worker(rank, world, vocab, chunk_size):
     assert all(torch.equal(t, gathered[0]) for t in gathered)
 
 
-@pytest.mark.parametrize("world,vocab,chunk_size", [(2, 101, 5), (3, 101, None), (3, 2, 4)])
-def test_vocab_parallel_matches_full_weight(world, vocab, chunk_size):
-    # (3, 2): a vocabulary smaller than the group leaves the last rank an empty shard.
-    run_gloo(_vocab_parallel_worker, world, vocab, chunk_size)
+@pytest.mark.parametrize("world,vocab,chunk_size,sparse,keep_bytes",
+                         [(2, 101, 5, False, 0), (3, 101, None, False, 0), (3, 2, 4, False, 0),
+                          (2, 101, 5, True, 0), (2, 101, None, True, 2 * 14 * 16 * 4)])
+def test_vocab_parallel_matches_full_weight(world, vocab, chunk_size, sparse, keep_bytes):
+    # (3, 2): a vocabulary smaller than the group leaves the last rank an empty shard. sparse: SLM-style gradient
+    # (the backward works on the selected tokens only); keep_bytes: two vocabulary blocks kept from forward.
+    run_gloo(_vocab_parallel_worker, world, vocab, chunk_size, sparse, keep_bytes)
 
 
 # ---- exact global selection -------------------------------------------------------------------------------------
@@ -112,9 +131,10 @@ def _selection_worker(rank, world, ratio):
     thresholds = [None] * world
     dist.all_gather_object(thresholds, threshold)
     assert len(set(thresholds)) == 1
-    # Collectives: one count vector, histogram rounds of 256 bins whatever the world size, one MIN.
-    assert calls[0] == 2 + world and calls[-1] == 1
-    assert set(calls[1:-1]) == {256} and len(calls) - 2 <= 4 + 1  # 4 value bytes + 1 index byte here
+    # Collectives: the count vector with the first round's histogram, later rounds of 256 bins whatever the world
+    # size, one MIN.
+    assert calls[0] == 2 + world + 256 and calls[-1] == 1
+    assert set(calls[1:-1]) <= {256} and len(calls) - 2 <= 4 + 1 - 1  # 4 value bytes + 1 index byte here
 
     qs = [0.1, 0.5, 0.9]
     ordered = sorted(all_ex[i] for i in ids)
@@ -166,6 +186,15 @@ def _dp_worker(rank, world):
         assert stats.keys() == ref_stats.keys()
         for key, value in ref_stats.items():
             assert stats[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    # The trainer's stop flag rides on the metrics all-reduce: one rank asking is seen by all, nothing else moves.
+    inputs, labels, ref_loss, _, _, _ = _model_and_batch()
+    token_loss = torch.rand(2, 6, generator=torch.Generator().manual_seed(rank))
+    valid = labels[2 * rank:2 * rank + 2] != -100
+    args = (token_loss, ref_loss[2 * rank:2 * rank + 2], valid)
+    kw = dict(objective="slm", ratio=0.6, scope="global", dp_group=dist.group.WORLD)
+    _, plain = compute_objective(*args, **kw)
+    _, flagged = compute_objective(*args, **kw, stop_requested=rank == 1)
+    assert flagged.pop("stop_requested") == 1.0 and flagged == plain
 
 
 def test_dp2_gradient_equals_dp1_on_concatenated_batch():

@@ -34,6 +34,9 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.wandb.tags == ["a", "b"]
     assert cfg.model.activation_checkpointing is True
     assert cfg.objective == "slm" and cfg.reference.path == "/x" and cfg.data.valid == "/v"
+    cfg = load_config(write(tmp_path, MIN), ["loss_head.keep_logits_mib=512", "loss_head.vocab_block=256"])
+    assert cfg.loss_head.keep_logits_mib == 512.0 and cfg.loss_head.vocab_block == 256
+    assert cfg.loss_head.chunk_tokens is None
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -51,6 +54,10 @@ def test_overrides_are_typed(tmp_path):
     ("train.lr=-1", "train.lr must be > 0"),
     ("model.activation_checkpointing=maybe", "model.activation_checkpointing must be true or false"),
     ("parallel.tensor=0", "parallel.tensor must be >= 1"),
+    ("loss_head.vocab_block=0", "loss_head.vocab_block must be >= 1 or null"),
+    ("loss_head.chunk_tokens=-3", "loss_head.chunk_tokens must be >= 1 or null"),
+    ("loss_head.keep_logits_mib=-1", "loss_head.keep_logits_mib must be >= 0"),
+    ("loss_head.keep_logits_mib=lots", "loss_head.keep_logits_mib must be a number"),
 ])
 def test_bad_values_name_the_key_and_file(tmp_path, override, needle):
     path = write(tmp_path, MIN)

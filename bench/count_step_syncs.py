@@ -1,0 +1,128 @@
+"""Collectives and host syncs per training step of `megaslm train`, counted by wrapping the calls.
+
+    python bench/count_step_syncs.py                        # SLM (global scope) and CLM, 2 ranks, ZeRO-2
+    python bench/count_step_syncs.py --baseline /tmp/main   # the same counts for another megaslm checkout
+
+Each rank runs the real trainer with torch.distributed's collectives and the tensor methods that wait for a
+device (`item`, `tolist`, `__bool__`, `nonzero`) wrapped by counters. Counts are taken over steps after the first
+(steady state), per step, split by the code that issued them: megaslm (by function) and DeepSpeed. On a CPU
+`item` does not wait for anything, but on a GPU each of these is a stall of the host. Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "barrier", "all_to_all_single", "all_gather_object", "all_reduce_coalesced")
+SYNCS = ("item", "tolist", "__bool__", "nonzero")
+
+
+def _caller() -> str:
+    """Who issued the call: the innermost megaslm function on the stack, or DeepSpeed (and from which megaslm
+    function) when DeepSpeed code sits between the two."""
+    import traceback
+
+    frames = traceback.extract_stack()[:-2]  # drop this function and the counting wrapper
+    deepspeed = False
+    for f in reversed(frames):
+        if "/deepspeed/" in f.filename:
+            deepspeed = True
+        elif "/megaslm/" in f.filename:
+            where = f"{Path(f.filename).stem}.{f.name}"
+            return f"deepspeed, under megaslm {where}" if deepspeed else f"megaslm {where}"
+    return "deepspeed" if deepspeed else "other"
+
+
+def worker(out: str, argv: list[str]) -> None:
+    """Run `megaslm <argv>` in this process with counters installed."""
+    import torch
+    import torch.distributed as dist
+
+    from megaslm.train import trainer as trainer_mod
+
+    counts: list[collections.Counter] = [collections.Counter()]
+
+    def wrap(owner, name, kind):
+        real = getattr(owner, name)
+
+        def counted(*a, **k):
+            counts[-1][(kind, name, _caller())] += 1
+            return real(*a, **k)
+
+        setattr(owner, name, counted)
+
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            wrap(dist, name, "collective")
+    for name in SYNCS:
+        wrap(torch.Tensor, name, "sync")
+    real_step = trainer_mod.Trainer.train_step
+
+    def step(self):
+        counts.append(collections.Counter())  # everything from here to the next step's start is this step's
+        return real_step(self)
+
+    trainer_mod.Trainer.train_step = step
+    from megaslm.cli import main
+
+    try:
+        main(argv)
+    finally:
+        rank = int(os.environ.get("RANK", 0))
+        steady = counts[2:-1]  # steps 2 .. n-1: not the first, not the last (checkpoint)
+        per_step = collections.Counter()
+        for c in steady:
+            per_step.update(c)
+        rows = [[*k, v / max(1, len(steady))] for k, v in per_step.items()]
+        Path(f"{out}.{rank}").write_text(json.dumps(rows))
+
+
+def run(root: Path, shards: str, model: str, objective: str, repo: Path, steps: int) -> list:
+    from bench_vs_naive import launch, megaslm_config, torchrun
+
+    path = megaslm_config(root, shards, model, objective, 128, 2, steps, False, root / f"run_{objective}")
+    out = root / f"counts_{objective}"
+    launch(torchrun(str(Path(__file__).resolve()), "--worker", str(out), "train", str(path)), repo)
+    return json.loads(Path(f"{out}.0").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", help="another megaslm checkout to count instead of this one")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args()
+    if args.worker:
+        sys.path.insert(0, os.getcwd())  # the checkout under test (launch runs in it)
+        worker(args.worker, rest)
+        return
+    from bench_vs_naive import make_setup
+
+    repo = Path(args.baseline).resolve() if args.baseline else REPO
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        shards, model = make_setup(root)
+        for objective in ("slm", "clm"):
+            rows = run(root, shards, model, objective, repo, args.steps)
+            print(f"\n{objective.upper()} (global scope, ratio 0.6), rank 0, per step (steady state), checkout {repo}")
+            for kind in ("collective", "sync"):
+                sel = sorted((r for r in rows if r[0] == kind), key=lambda r: (r[2], r[1]))
+                print(f"  {kind}s: {sum(r[3] for r in sel):g}")
+                for _, name, where, n in sel:
+                    print(f"    {n:6g}  {name:<24} {where}")
+
+
+if __name__ == "__main__":
+    main()
