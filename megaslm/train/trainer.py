@@ -334,12 +334,15 @@ class Trainer:
             cb.pre_step(self)
         t0 = time.time()
         # The step's batches first: their label counts fix the step's normaliser (one all-reduce) before any
-        # forward, so micro-steps with different numbers of labelled tokens weigh by tokens.
+        # forward, so micro-steps with different numbers of labelled tokens weigh by tokens. With one micro-step
+        # the objective's own metrics all-reduce yields the same normaliser: no collective of its own then.
         batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
         objective, ratio = self._objective_now()
-        norm = plan_step([b["labels"].to(self.device) != -100 for b in batches],
-                         weighting=self.cfg.slm.weighting if objective == "slm" else "clm", ratio=ratio,
-                         scope=self.cfg.slm.scope, dp_group=self.groups.dp_group)
+        norm = None
+        if len(batches) > 1:
+            norm = plan_step([b["labels"].to(self.device) != -100 for b in batches],
+                             weighting=self.cfg.slm.weighting if objective == "slm" else "clm", ratio=ratio,
+                             scope=self.cfg.slm.scope, dp_group=self.groups.dp_group)
         n = len(batches)
         per_micro = [self._micro_step(b, objective, ratio, norm, last=i == n - 1)
                      for i, b in enumerate(batches)]
