@@ -36,6 +36,11 @@ def log_media(run_dir: Path | None, media: dict[str, Path]) -> bool:
     settings = _wandb_settings(run_dir)
     if settings is None:
         return False
+    # wandb.init starts a service and publishes its address in os.environ (WANDB_SERVICE), which every process
+    # started later from this one inherits: a training run launched afterwards (a script, the test suite) would
+    # log through this process's service, and a crashed run's state there breaks its resume. A service started
+    # here is stopped and unpublished when done; one we inherited is left as it is.
+    own_service = "WANDB_SERVICE" not in os.environ
     try:
         import wandb
 
@@ -51,3 +56,16 @@ def log_media(run_dir: Path | None, media: dict[str, Path]) -> bool:
         print(f"megaslm: logging to wandb failed ({type(e).__name__}: {e}); the files on disk are complete",
               file=sys.stderr, flush=True)
         return False
+    finally:
+        if own_service and "wandb" in sys.modules:
+            _stop_service()
+
+
+def _stop_service() -> None:
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception as e:  # noqa: BLE001 - the media are logged; a failed teardown must not fail the command
+        print(f"megaslm: stopping wandb's service failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+    os.environ.pop("WANDB_SERVICE", None)

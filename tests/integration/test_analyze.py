@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from fractions import Fraction
 from html.parser import HTMLParser
 from pathlib import Path
@@ -213,6 +214,8 @@ def test_token_view_during_training_and_wandb_media(runs, outputs):
     images = [p for p in media if p.suffix == ".png"]
     assert len(images) >= 7  # dynamics.png and the six report plots
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in images)
+    # The in-process commands stopped their wandb service: later training processes must not inherit its address.
+    assert "WANDB_SERVICE" not in os.environ
 
 
 def test_bad_inputs_are_refused_with_a_message(runs, tmp_path, capsys):
