@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/megaslm demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_loss_head.py
