@@ -404,21 +404,19 @@ class ShardSet:
 
     # -- reading ------------------------------------------------------------------------------------------
     def _tokens(self, i: int) -> np.ndarray:
-        m = self._maps.get(i)
-        if m is None:
-            n = self.meta["shards"][i]["num_tokens"]
-            f = os.path.join(self.path, self.meta["shards"][i]["file"])
-            m = np.memmap(f, dtype=self._dtype, mode="r", shape=(n,)) if n else np.zeros(0, self._dtype)
-            self._maps[i] = m
-        return m
+        return self._memmap(i, "file", self._dtype, self._maps)
 
     def _mask(self, i: int) -> np.ndarray:
-        m = self._masks.get(i)
+        return self._memmap(i, "mask_file", np.dtype(np.uint8), self._masks)
+
+    def _memmap(self, i: int, key: str, dtype: np.dtype, cache: dict) -> np.ndarray:
+        """Shard i's per-token file named by meta key `key`, memory-mapped once and cached."""
+        m = cache.get(i)
         if m is None:
             n = self.meta["shards"][i]["num_tokens"]
-            f = os.path.join(self.path, self.meta["shards"][i]["mask_file"])
-            m = np.memmap(f, dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
-            self._masks[i] = m
+            f = os.path.join(self.path, self.meta["shards"][i][key])
+            m = np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+            cache[i] = m
         return m
 
     def _doc_index(self, i: int) -> np.ndarray:
