@@ -59,9 +59,14 @@ def create_model(*, preset: str | None, init_from: str | None, vocab_size: int, 
     if stage3:
         import deepspeed
 
-        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu, dtype=dtype)
+        # No dtype here: the config's bf16 flag decides. DeepSpeed 0.19's zero.Init turns an explicit dtype into
+        # bfloat16 on accelerators without fp16 (the CPU): an fp32 run would hold bf16 parameters.
+        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu)
     with ctx:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    wrong = sorted({str(p.dtype) for p in model.parameters()} - {str(dtype)})
+    if wrong:  # a silent precision change would make every loss figure of the run disagree with its export
+        raise RuntimeError(f"model built with parameters in {', '.join(wrong)}, not the run's {dtype}")
     return model
 
 

@@ -82,9 +82,6 @@ def test_zero2_resume_reproduces_uninterrupted_run_and_export_loads(tmp_path, ti
     assert hf_valid_loss(out, tiny_data) == pytest.approx(ref[6]["val_loss"], rel=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="open regression (issue 8): since the vocab-block loss head landed, the "
-                   "exported ZeRO-3 model's held-out loss (6.13910) differs from the trainer's val_loss at that step "
-                   "(6.14013) by 1.7e-4 relative; ZeRO-2 still matches; bisected to branch 'head'")
 def test_zero3_crash_while_saving_keeps_last_good_checkpoint(tmp_path, tiny_data):
     run = tmp_path / "z3"
     cfg_path = write_config(tmp_path / "z3.yaml", config(run, tiny_data, zero="zero3", steps=4, save_every=2,
