@@ -8,7 +8,8 @@ loader's dict with input_ids and labels on the device, and index). What it gets,
 - `EnsembleReference` (ensemble.py): `reference.path` a list, per-token losses combined by `reference.combine`;
 - `EMAReference` (ema.py): `reference.ema_decay`, an average of the trained model itself; it is also a trainer
   callback (updated after every optimizer step, saved in checkpoints).
-Each has `placement` (for run_info) and `n_params` (parameters run per training token, for the FLOPs estimate).
+Each has `placement` (for run_info) and `forward_flops_per_token(seq_len)` (what it runs per training token, for
+the trainer's MFU: a forward, 2N + attention, as `megaslm plan` counts it; 0 for a cache).
 Module dependencies point one way: cache <- score, online <- score, and this package imports nothing of
 megaslm.train but the callback base class.
 """
@@ -32,7 +33,8 @@ __all__ = ["ReferenceLosses", "make_reference", "needs_reference", "CachedRefere
 
 class ReferenceLosses(Protocol):
     placement: str
-    n_params: int
+
+    def forward_flops_per_token(self, seq_len: int) -> float: ...
 
     def losses_for(self, batch: dict) -> torch.Tensor: ...
 

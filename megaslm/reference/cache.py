@@ -197,7 +197,9 @@ class CachedReference:
     """
 
     placement = "cache"
-    n_params = 0  # nothing runs per token during training
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        return 0.0  # nothing runs per token during training
 
     def __init__(self, cache_dir: str, shards, seq_len: int, *, model_path: str | None = None):
         self.cache_dir = str(cache_dir)

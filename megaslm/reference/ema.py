@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megaslm.errors import UserError
-from megaslm.model.build import TokenLossModel, count_params
+from megaslm.model.build import TokenLossModel
+from megaslm.model.describe import describe_module
 from megaslm.train.callbacks import Callback
 
 
@@ -45,7 +46,7 @@ class EMAReference(Callback):
         lm.requires_grad_(False)
         lm.eval()
         self.model = TokenLossModel(lm)
-        self.n_params = count_params(lm)
+        self.description = describe_module(lm)
         self.updates = 0
         self._pairs = self._match(lm, trained_lm)
 
@@ -66,6 +67,9 @@ class EMAReference(Callback):
     def losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, labels, position_ids).float()
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        return self.description.forward_flops_per_token(seq_len)
 
     def losses_for(self, batch: dict) -> torch.Tensor:
         return self.losses(batch["input_ids"], batch["labels"], batch.get("position_ids"))

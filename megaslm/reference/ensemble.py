@@ -17,7 +17,9 @@ class EnsembleReference:
         self.members = members
         self.combine = combine
         self.placement = f"ensemble[{','.join(m.placement for m in members)}]"
-        self.n_params = sum(m.n_params for m in members)
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        return sum(m.forward_flops_per_token(seq_len) for m in self.members)
 
     @torch.no_grad()
     def losses_for(self, batch: dict) -> torch.Tensor:

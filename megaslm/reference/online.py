@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from megaslm.config import REPO_ROOT
 from megaslm.errors import UserError
-from megaslm.model.build import TokenLossModel, count_params, load_hf_config, zero_stage
-from megaslm.model.describe import describe
+from megaslm.model.build import TokenLossModel, load_hf_config, zero_stage
+from megaslm.model.describe import describe, describe_module
 
 AUTO_FRACTION = 0.2
 
@@ -95,7 +95,7 @@ class OnlineReference:
             del keep
         lm.requires_grad_(False)
         lm.eval()
-        self.n_params = count_params(lm)  # before AutoTP shards it
+        self.description = describe_module(lm)  # before AutoTP shards it
         model = TokenLossModel(lm, tp_group=tp_group, chunk_size=chunk_size,
                                zero3=self.placement.startswith("zero3"))
         self.engine, *_ = deepspeed.initialize(model=model, config=ds, mpu=mpu)
@@ -106,6 +106,9 @@ class OnlineReference:
     def losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.engine(input_ids, labels, position_ids).float()
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        return self.description.forward_flops_per_token(seq_len)
 
     def losses_for(self, batch: dict) -> torch.Tensor:
         """`losses` of the loader's batch dict (input_ids, labels and position_ids already on the device)."""

@@ -289,8 +289,8 @@ class Trainer:
         n_params = self.summary["params"]
         self.flops_per_token = flops_per_token(n_params, self.summary["layers"], self.summary["hidden"],
                                                cfg.train.seq_len)
-        if self.reference is not None:  # one extra forward of the reference: 2N per token
-            self.flops_per_token += 2.0 * self.reference.n_params
+        if self.reference is not None:  # one forward of the reference per token (2N + attention, as `plan`)
+            self.flops_per_token += self.reference.forward_flops_per_token(cfg.train.seq_len)
         self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops()
 
     # ------------------------------------------------------------------ one optimizer step

@@ -63,6 +63,14 @@ def test_slm_global_selection_is_exact_across_data_parallel_ranks(tmp_path, tiny
         assert r["loss"] == pytest.approx(r["loss_selected"])
         assert r["selected_tokens_per_s"] > 0
     assert json.loads((two / "run_info.json").read_text())["reference_placement"] == "replicated"
+    # The achieved-FLOPs metric counts the reference forward as `megaslm plan` does (2N + 4LHT per token).
+    from megaslm.model.describe import describe
+    from megaslm.model.presets import preset_config
+
+    d = describe(preset_config("tiny", 512))
+    per_token = d.train_flops_per_token(32) + d.forward_flops_per_token(32)
+    for r in a:
+        assert r["tflops_per_device"] == pytest.approx(per_token * r["tokens_per_s"] / 2 / 1e12, rel=1e-9)
 
     # Rho-1 step 2 as its own job: score the corpus once, then train from the cache: the same run, step for step.
     cache = tmp_path / "ref_cache"
@@ -76,6 +84,9 @@ def test_slm_global_selection_is_exact_across_data_parallel_ranks(tmp_path, tiny
     for ra, rc in zip(a, read_metrics(tmp_path / "cached")):
         for key in ("loss", "ref_loss", "threshold", "n_selected", "loss_unselected"):
             assert rc[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+        # no reference forward per token with a cache
+        assert rc["tflops_per_device"] == pytest.approx(d.train_flops_per_token(32) * rc["tokens_per_s"] / 2 / 1e12,
+                                                        rel=1e-9)
 
 
 def test_slm_zero3_with_partitioned_reference(tmp_path, tiny_data, reference_dir):
