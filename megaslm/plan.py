@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megaslm.config import Config, load_config
+from megaslm.config import Config, load_config, reference_paths
 from megaslm.errors import UserError
 from megaslm.model.describe import ModelDescription, describe, dtype_bytes
 
@@ -92,6 +92,8 @@ def reference_device_bytes(ref: ModelDescription, placement: str, d: int, dp: in
                            prefetch_elements: int) -> int:
     if placement == "cache":
         return 0
+    if placement == "ema":  # an fp32 copy of the trained model on every rank (megaslm/reference/ema.py)
+        return ref.params * 4
     if placement == "replicated":
         return ref.params * d // tp
     working = min(ref.params, max(ref.largest_module, prefetch_elements)) * d  # gathered for the forward
@@ -101,8 +103,7 @@ def reference_device_bytes(ref: ModelDescription, placement: str, d: int, dp: in
 
 
 def resolve_placement(cfg: Config, ref: ModelDescription, d: int, hw: Hardware) -> str:
-    if cfg.objective != "slm":
-        return "none"
+    """Where one reference model lives, as training resolves it (EMA and ensembles: `reference_members`)."""
     if cfg.reference.cache:
         return "cache"  # planned as cached: `megaslm score` fills it before training
     if cfg.reference.placement != "auto":
@@ -111,6 +112,25 @@ def resolve_placement(cfg: Config, ref: ModelDescription, d: int, hw: Hardware) 
 
     fits = ref.params * d / cfg.parallel.tensor <= AUTO_FRACTION * hw.gpu_memory_gib * GIB
     return "replicated" if fits else "zero3"
+
+
+def reference_members(cfg: Config, model: ModelDescription, d: int, hw: Hardware) -> list[tuple[ModelDescription, str]]:
+    """(description, placement) of every reference model the run holds: none for CLM and `slm.score: loss`; the
+    EMA copy of the trained model; else one per reference.path entry (an ensemble lists several; a path that does
+    not exist yet is planned as the trained model's architecture)."""
+    from megaslm.preflight import reference_hf_config
+    from megaslm.reference import needs_reference
+
+    if not needs_reference(cfg):
+        return []
+    if cfg.reference.ema_decay is not None:
+        return [(model, "ema")]
+    members = []
+    for path in reference_paths(cfg) or [None]:
+        ref_cfg = reference_hf_config(cfg, path)
+        ref = describe(ref_cfg) if ref_cfg is not None else model
+        members.append((ref, resolve_placement(cfg, ref, d, hw)))
+    return members
 
 
 # ----------------------------------------------------------------------------------------------- the loss head
@@ -148,7 +168,7 @@ def _plan_dtype(cfg: Config) -> str:
 
 def plan(cfg: Config, hw: Hardware) -> dict:
     """Every figure of the plan, as a JSON-able dict (bytes and FLOPs as numbers, GiB rounded for display)."""
-    from megaslm.preflight import check_config, known_vocab, model_hf_config, reference_hf_config
+    from megaslm.preflight import check_config, known_vocab, model_hf_config
 
     check_config(cfg)
     t, tp = cfg.train, cfg.parallel.tensor
@@ -157,8 +177,6 @@ def plan(cfg: Config, hw: Hardware) -> dict:
     dp = hw.gpus // tp
     vocab = known_vocab(cfg)
     model = describe(model_hf_config(cfg, vocab))
-    ref_cfg = reference_hf_config(cfg)
-    ref = describe(ref_cfg) if ref_cfg is not None else model
     dtype = _plan_dtype(cfg)
     d = dtype_bytes(dtype)
     ds = _ds_json(cfg)
@@ -166,7 +184,10 @@ def plan(cfg: Config, hw: Hardware) -> dict:
     stage = int(zero.get("stage", 0))
     off_opt = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
     off_par = zero.get("offload_param", {}).get("device", "none") == "cpu"
-    placement = resolve_placement(cfg, ref, d, hw)
+    refs = reference_members(cfg, model, d, hw)
+    kinds = [pl for _, pl in refs]
+    placement = "none" if not refs else kinds[0] if len(set(kinds)) == 1 and (len(refs) == 1 or kinds[0] == "cache") \
+        else f"ensemble[{','.join(kinds)}]"
     tokens_micro = t.seq_len * t.micro_batch_size
     ckpt = cfg.model.activation_checkpointing
     act = {False: model.activation_bytes(tokens_micro, dtype, False) // tp,
@@ -178,8 +199,7 @@ def plan(cfg: Config, hw: Hardware) -> dict:
     memory = {
         "model_states": model_states_bytes(model.params // tp, model.largest_module // tp, stage, dp,
                                            offload_optimizer=off_opt, offload_param=off_par),
-        "reference": 0 if placement == "none" else reference_device_bytes(ref, placement, d, dp, tp,
-                                                                          _ref_prefetch(placement)),
+        "reference": sum(reference_device_bytes(ref, pl, d, dp, tp, _ref_prefetch(pl)) for ref, pl in refs),
         "activations": act[ckpt],
         "loss_head": head,
         "buckets": _buckets_bytes(zero, stage, d),
@@ -188,15 +208,18 @@ def plan(cfg: Config, hw: Hardware) -> dict:
     total = sum(memory.values())
     tokens_step = t.seq_len * t.micro_batch_size * t.grad_accum * dp
     flops_train = model.train_flops_per_token(t.seq_len)
-    flops_ref = ref.forward_flops_per_token(t.seq_len) if placement not in ("none", "cache") else 0.0
+    flops_ref = sum(ref.forward_flops_per_token(t.seq_len) for ref, pl in refs if pl != "cache")
+    flops_score = sum(ref.forward_flops_per_token(t.seq_len) for ref, pl in refs if pl == "cache")
     total_tokens = tokens_step * t.steps
     rate = hw.gpus * hw.peak_tflops * 1e12 * hw.mfu  # model FLOP/s of the whole job
     seconds = total_tokens * (flops_train + flops_ref) / rate
-    score_seconds = (total_tokens * ref.forward_flops_per_token(t.seq_len) / rate) if placement == "cache" else 0.0
+    score_seconds = total_tokens * flops_score / rate
     return {
         "model": {**model.to_dict(), "vocab_known": vocab is not None},
-        "reference": ({**ref.to_dict(), "from": cfg.reference.path if ref_cfg is not None else "same as model",
-                       "placement": placement} if placement != "none" else None),
+        "reference": ({**refs[0][0].to_dict(), "params": sum(r.params for r, _ in refs), "placement": placement,
+                       "from": ("EMA of the trained model" if placement == "ema"
+                                else cfg.reference.path or "same as model"),
+                       "members": [{"params": r.params, "placement": pl} for r, pl in refs]} if refs else None),
         "hardware": {**hw.__dict__, "gpus": hw.gpus, "dp": dp, "tp": tp},
         "dtype": dtype, "zero_stage": stage, "offload_optimizer": off_opt, "offload_param": off_par,
         "activation_checkpointing": ckpt, "micro_batch_tokens": tokens_micro, "loss_head_chunk_tokens": chunk,
@@ -205,7 +228,7 @@ def plan(cfg: Config, hw: Hardware) -> dict:
         "full_logits_bytes": tokens_micro * model.vocab_size * (4 + d) // tp,
         "host_bytes_per_node": host_bytes_per_node(model.params // tp, stage, hw.nodes, hw.gpus_per_node,
                                                    offload_optimizer=off_opt, offload_param=off_par)
-        + (ref.params * d // dp * hw.gpus_per_node if placement == "zero3_offload" else 0),
+        + sum(ref.params * d // dp * hw.gpus_per_node for ref, pl in refs if pl == "zero3_offload"),
         "fits": total <= hw.gpu_memory_gib * GIB,
         "tokens_per_step": tokens_step, "steps": t.steps, "total_tokens": total_tokens,
         "flops_per_token": {"train": flops_train, "reference_forward": flops_ref, "total": flops_train + flops_ref},
@@ -262,7 +285,7 @@ def render(name: str, p: dict) -> str:
         f"forward {f['reference_forward'] / 1e9:.2f} G)",
         f"time at MFU {hw['mfu']:g}: {p['time_hours']:.1f} h on {hw['gpus']} GPUs = {p['gpu_hours']:,.0f} GPU-hours",
     ]
-    if ref and ref["placement"] == "cache":
+    if p["score_gpu_hours"]:
         lines.append(f"scoring the cache first (megaslm score, one reference forward per token): "
                      f"{p['score_gpu_hours']:,.0f} GPU-hours")
     if not p["fits"]:

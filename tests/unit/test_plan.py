@@ -89,3 +89,25 @@ def test_every_shipped_config_loads_and_plans(path):
         assert p["total_tokens"] >= 80e9
     assert {"reference_1b.yaml", "slm_1b.yaml", "slm_1b_cached.yaml", "reference_7b.yaml", "slm_7b.yaml",
             "slm_7b_cached.yaml"} <= {c.name for c in CONFIGS}
+
+
+def test_ema_ensemble_and_loss_score_references_are_planned_as_training_builds_them():
+    hw = P.Hardware(nodes=4)
+    n, seq = 1_100_048_384, 2048
+    fwd = 2 * n + 4 * 22 * 2048 * seq
+    base = P.plan(load_config(REPO / "configs" / "slm_1b.yaml"), hw)
+    # EMA: an fp32 copy of the trained model on every rank, one forward of it per token
+    ema = P.plan(load_config(REPO / "configs" / "slm_1b.yaml", ["reference.ema_decay=0.999", "reference.path=null"]),
+                 hw)
+    assert ema["reference"]["placement"] == "ema" and ema["memory_bytes"]["reference"] == 4 * n
+    assert ema["flops_per_token"]["reference_forward"] == pytest.approx(fwd)
+    # an ensemble of two references: both held, both run
+    two = P.plan(load_config(REPO / "configs" / "slm_1b.yaml", ["reference.path=[/none/a, /none/b]",
+                                                                 "reference.placement=replicated"]), hw)
+    assert two["reference"]["placement"] == "ensemble[replicated,replicated]"
+    assert two["memory_bytes"]["reference"] == 2 * base["memory_bytes"]["reference"] == 4 * n
+    assert two["flops_per_token"]["reference_forward"] == pytest.approx(2 * fwd)
+    # slm.score: loss needs no reference at all
+    loss = P.plan(load_config(REPO / "configs" / "slm_1b.yaml", ["slm.score=loss"]), hw)
+    assert loss["reference"] is None and loss["memory_bytes"]["reference"] == 0
+    assert loss["flops_per_token"]["reference_forward"] == 0
