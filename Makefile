@@ -9,6 +9,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m megaslm.parallel.prebuild  # DeepSpeed's CPU ops, compiled once here rather than by the first run
 	touch $(STAMP)
 
 install: $(STAMP)
