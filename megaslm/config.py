@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import yaml
 
 from megaslm.atomic import write_text
 from megaslm.errors import UserError
+
+CHECKPOINT_TAG_RE = re.compile(r"step_\d{8}")  # the directory name of a checkpoint (megaslm/train/checkpoint.py)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ("tiny", "tinyllama-1.1b", "llama2-7b", "mistral-7b")
@@ -345,9 +348,7 @@ def _validate_slm(cfg: Config, bad) -> None:
 
 
 def _validate_resilience(t: TrainConfig, bad) -> None:
-    import re
-
-    if t.resume_from not in ("latest", "none") and not re.fullmatch(r"step_\d{8}", t.resume_from):
+    if t.resume_from not in ("latest", "none") and not CHECKPOINT_TAG_RE.fullmatch(t.resume_from):
         raise bad("train.resume_from", f"must be latest, none or a checkpoint tag like step_00000300, "
                   f"got {t.resume_from!r}")
     if t.max_skipped_steps < 1:

@@ -108,10 +108,9 @@ def resolve_placement(cfg: Config, ref: ModelDescription, d: int, hw: Hardware) 
         return "cache"  # planned as cached: `megaslm score` fills it before training
     if cfg.reference.placement != "auto":
         return cfg.reference.placement
-    from megaslm.reference import AUTO_FRACTION
+    from megaslm.reference.online import auto_placement
 
-    fits = ref.params * d / cfg.parallel.tensor <= AUTO_FRACTION * hw.gpu_memory_gib * GIB
-    return "replicated" if fits else "zero3"
+    return auto_placement(ref.params * d / cfg.parallel.tensor, hw.gpu_memory_gib * GIB)
 
 
 def reference_members(cfg: Config, model: ModelDescription, d: int, hw: Hardware) -> list[tuple[ModelDescription, str]]:

@@ -4,6 +4,7 @@ from .metrics import Metrics
 from .objective import StepNorm, compute_objective, plan_step, slm_ratio
 from .per_token_ce import per_token_ce
 from .selection import (
+    NaNScoreError,
     global_kth_largest,
     global_quantiles,
     num_to_keep,
@@ -13,6 +14,7 @@ from .selection import (
 
 __all__ = [
     "Metrics",
+    "NaNScoreError",
     "StepNorm",
     "compute_objective",
     "global_kth_largest",

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .metrics import Metrics
-from .selection import SCOPES, check_ratio
+from .selection import SCOPES, check_ratio, resolve_group
 from .weights import EXCESS_QUANTILES, NEEDS_REFERENCE, SCORES, WEIGHTINGS, global_mass, mass_from_counts
 
 OBJECTIVES = ("clm", "slm")
@@ -37,17 +37,11 @@ class StepNorm:
     mass: float | None  # sum of the weights of the whole step, all ranks (None: not known before the forwards)
 
 
-def _group(dp_group):
-    if dp_group is None and dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return dp_group
-
-
 def plan_step(valids: list[torch.Tensor], *, weighting: str, ratio: float, scope: str,
               dp_group: dist.ProcessGroup | None = None) -> StepNorm:
     """The StepNorm of the micro-batches `valids` ([B, T] bool each, this rank's, in micro-step order).
     One all-reduce for the whole step; every rank of dp_group must call it together."""
-    group = _group(dp_group)
+    group = resolve_group(dp_group)
     local = []
     for v in valids:
         rows = v.bool().sum(dim=1)
@@ -110,7 +104,7 @@ def compute_objective(
     stats["stop_requested"]. Every rank of dp_group passes one or none.
     """
     name = _check(token_loss, ref_loss, valid, objective, ratio, scope, weighting, score, source)
-    group = _group(dp_group)
+    group = resolve_group(dp_group)
     dp_size = dist.get_world_size(group) if group is not None else 1
     valid = valid.bool()
     scores = token_loss.detach().float()

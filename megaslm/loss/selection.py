@@ -33,6 +33,11 @@ _DIGIT_BITS = 8
 _BINS = 1 << _DIGIT_BITS
 
 
+class NaNScoreError(ValueError):
+    """A labelled token's score is NaN: there is no top-k. Raised on every rank of the group at once (the NaN
+    count is all-reduced), so a caller may recover without leaving a rank in a collective."""
+
+
 def num_to_keep(ratio: float, n: int) -> int:
     """ceil(ratio * n) on the decimal value of ratio as written: num_to_keep(0.7, 10) == 7."""
     check_ratio(ratio)
@@ -96,7 +101,7 @@ def select_with_quantiles(
         raise ValueError(f"selection scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if excess.shape != valid.shape or excess.dim() != 2:
         raise ValueError(f"excess {tuple(excess.shape)} and valid {tuple(valid.shape)} must both be [B, T]")
-    group = _resolve_group(group)
+    group = resolve_group(group)
     valid = valid.bool()
     vals = excess.detach()
     if not vals.is_floating_point():
@@ -136,7 +141,7 @@ def global_kth_largest(
     Uses the same all-reduced radix search as the global selection; NaN when k == 0. ValueError when k exceeds
     the number of valid values or a valid value is NaN.
     """
-    group = _resolve_group(group)
+    group = resolve_group(group)
     vals, valid = values.detach().reshape(1, -1), valid.bool().reshape(1, -1)
     info = _GroupCounts(vals, valid, group, reduce=True, member=valid)
     if not 0 <= k <= info.n_valid:
@@ -159,7 +164,7 @@ def global_quantiles(
             raise ValueError(f"quantile must be in [0, 1], got {q!r}")
     if not qs:
         return []
-    group = _resolve_group(group)
+    group = resolve_group(group)
     vals, valid = values.detach().reshape(1, -1), valid.bool().reshape(1, -1)
     member = valid.expand(len(qs), -1)
     info = _GroupCounts(vals, valid, group, reduce=True, member=member)
@@ -171,7 +176,8 @@ def global_quantiles(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_group(group):
+def resolve_group(group):
+    """`group`, or the world when it is None and torch.distributed is initialized (None: one process)."""
     if group is None and dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
     return group
@@ -214,7 +220,7 @@ class _GroupCounts:
         counts = counts[:n_counts].tolist()
         if counts[1]:
             # Raised on every rank at once (the count is all-reduced), so no rank is left waiting in a collective.
-            raise ValueError(f"excess loss is NaN on {counts[1]} labelled token(s)")
+            raise NaNScoreError(f"excess loss is NaN on {counts[1]} labelled token(s)")
         self.n_valid = counts[0]
         self.offset = sum(counts[2:2 + rank])
         self.n_total = sum(counts[2:])

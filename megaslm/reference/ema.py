@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from megaslm.errors import UserError
 from megaslm.model.build import TokenLossModel
 from megaslm.model.describe import describe_module
+from megaslm.reference.base import ModelReference
 from megaslm.train.callbacks import Callback
 
 
@@ -31,7 +32,7 @@ def check_ema_layout(zero: int, tp_size: int, ds_path: str) -> None:
                         "use parallel.tensor=1 or a separate reference (reference.path)")
 
 
-class EMAReference(Callback):
+class EMAReference(ModelReference, Callback):
     name = "ema_reference"
     placement = "ema"
 
@@ -45,7 +46,7 @@ class EMAReference(Callback):
         lm.load_state_dict({k: v.detach().float() for k, v in trained_lm.state_dict().items()})
         lm.requires_grad_(False)
         lm.eval()
-        self.model = TokenLossModel(lm)
+        self.scorer = TokenLossModel(lm)
         self.description = describe_module(lm)
         self.updates = 0
         self._pairs = self._match(lm, trained_lm)
@@ -63,24 +64,13 @@ class EMAReference(Callback):
         for e, p in self._pairs:
             e.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
 
-    @torch.no_grad()
-    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, labels, position_ids).float()
-
-    def forward_flops_per_token(self, seq_len: int) -> float:
-        return self.description.forward_flops_per_token(seq_len)
-
-    def losses_for(self, batch: dict) -> torch.Tensor:
-        return self.losses(batch["input_ids"], batch["labels"], batch.get("position_ids"))
-
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates,
-                "weights": {k: v.detach().cpu().clone() for k, v in self.model.lm.state_dict().items()}}
+                "weights": {k: v.detach().cpu().clone() for k, v in self.scorer.lm.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if state["decay"] != self.decay:
             raise UserError(f"reference.ema_decay is {self.decay} but the checkpoint's average was made with "
                             f"{state['decay']}: resume with the same value")
-        self.model.lm.load_state_dict(state["weights"])
+        self.scorer.lm.load_state_dict(state["weights"])
         self.updates = int(state["updates"])

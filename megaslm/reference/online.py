@@ -1,11 +1,8 @@
-"""Reference-model token losses for Selective Language Modeling.
+"""The online reference: a frozen Hugging Face model scoring every training batch (the package docstring lists
+the other sources).
 
-The trainer only sees `ReferenceLosses.losses_for(batch) -> float32 [B, T]` (batch: the loader's dict with
-input_ids, labels, index), built by `make_reference(cfg, ...)`. Two implementations:
-- `CachedReference` reads losses that `megaslm score` computed once (megaslm/score.py) from `reference.cache`:
-  no reference model in memory during training, and one scoring serves every model trained on the corpus.
-- `OnlineReference` runs a frozen Hugging Face model beside the trained one, in the same processes, as a
-  DeepSpeed engine with no optimizer (ZeRO-inference); it also has `losses(input_ids, labels)`. Placement:
+`OnlineReference` runs the model beside the trained one, in the same processes, as a DeepSpeed engine with no
+optimizer (ZeRO-inference); `losses(input_ids, labels)` and `losses_for(batch)` give float32 [B, T]. Placement:
   replicated     every rank holds the whole model in the training precision (no all-gathers per forward)
   zero3          parameters partitioned over the data-parallel ranks, gathered layer by layer
   zero3_offload  as zero3, with the partitions kept in CPU memory
@@ -24,6 +21,7 @@ from megaslm.config import REPO_ROOT
 from megaslm.errors import UserError
 from megaslm.model.build import TokenLossModel, load_hf_config, zero_stage
 from megaslm.model.describe import describe, describe_module
+from megaslm.reference.base import ModelReference
 
 AUTO_FRACTION = 0.2
 
@@ -58,10 +56,16 @@ def choose_placement(placement: str, path: str, dtype: torch.dtype, tp_size: int
         import psutil
 
         total = psutil.virtual_memory().total
-    return "replicated" if reference_bytes(path, dtype) / tp_size <= AUTO_FRACTION * total else "zero3"
+    return auto_placement(reference_bytes(path, dtype) / tp_size, total)
 
 
-class OnlineReference:
+def auto_placement(weight_bytes: float, device_bytes: float) -> str:
+    """What `auto` means (training and `megaslm plan` alike): replicated when one rank's share of the reference's
+    weights is at most AUTO_FRACTION of a device's memory, else zero3."""
+    return "replicated" if weight_bytes <= AUTO_FRACTION * device_bytes else "zero3"
+
+
+class OnlineReference(ModelReference):
     """A frozen reference model as a DeepSpeed inference engine; see the module docstring for placement."""
 
     def __init__(self, path: str, placement: str, *, dtype: torch.dtype, micro_batch_size: int, dp_size: int,
@@ -98,18 +102,7 @@ class OnlineReference:
         self.description = describe_module(lm)  # before AutoTP shards it
         model = TokenLossModel(lm, tp_group=tp_group, chunk_size=chunk_size,
                                zero3=self.placement.startswith("zero3"))
-        self.engine, *_ = deepspeed.initialize(model=model, config=ds, mpu=mpu)
-        self.engine.eval()
+        self.scorer, *_ = deepspeed.initialize(model=model, config=ds, mpu=mpu)  # the DeepSpeed engine
+        self.scorer.eval()
         self.config = lm.config
 
-    @torch.no_grad()
-    def losses(self, input_ids: torch.Tensor, labels: torch.Tensor,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.engine(input_ids, labels, position_ids).float()
-
-    def forward_flops_per_token(self, seq_len: int) -> float:
-        return self.description.forward_flops_per_token(seq_len)
-
-    def losses_for(self, batch: dict) -> torch.Tensor:
-        """`losses` of the loader's batch dict (input_ids, labels and position_ids already on the device)."""
-        return self.losses(batch["input_ids"], batch["labels"], batch.get("position_ids"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,13 +30,13 @@ import torch
 import torch.distributed as dist
 
 from megaslm.atomic import write_text
+from megaslm.config import CHECKPOINT_TAG_RE
 from megaslm.errors import UserError
 from megaslm.train import manifest
 from megaslm.train.faults import maybe_fail, maybe_fail_write
 from megaslm.train.halt import halt
 
 POINTER = "latest_complete"
-TAG_RE = re.compile(r"step_\d{8}")
 
 
 def tag_for(step: int) -> str:
@@ -206,7 +205,7 @@ def list_tags(ckpt_root: Path) -> list[str]:
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and TAG_RE.fullmatch(d.name))
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and CHECKPOINT_TAG_RE.fullmatch(d.name))
 
 
 def _prune(ckpt_root: Path, keep: int, current: str) -> None:

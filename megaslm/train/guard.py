@@ -126,12 +126,10 @@ class SkipGuard(Callback):
         self.consecutive = int(state["consecutive"])
 
 
-def nan_step(error: ValueError, token_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(loss, metrics) of a micro-step whose SLM selection found NaN losses: a NaN loss to backpropagate, so that
-    the step is skipped like any other with a non-finite loss. Every rank gets here together: the selection
-    raises after all-reducing its NaN count. Any other error is re-raised."""
-    if "NaN" not in str(error):
-        raise error
+def nan_step(token_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(loss, metrics) of a micro-step whose SLM selection found NaN losses (NaNScoreError): a NaN loss to
+    backpropagate, so that the step is skipped like any other with a non-finite loss. Every rank gets here
+    together: the selection raises after all-reducing its NaN count."""
     return token_loss.sum() * float("nan"), {"loss": float("nan")}
 
 

@@ -23,6 +23,7 @@ from megaslm.data.loader import PackedLoader, model_inputs
 from megaslm.data.mixture import Component, MixtureLoader
 from megaslm.data.shards import ShardSet, check_compatible
 from megaslm.errors import UserError
+from megaslm.loss import NaNScoreError
 from megaslm.loss.metrics import Metrics
 from megaslm.loss.objective import compute_objective, plan_step, slm_ratio
 from megaslm.model.build import TokenLossModel, create_model, model_summary, zero_stage
@@ -321,8 +322,8 @@ class Trainer:
                 num_sources=len(self.source_names) if source is not None else 0,
                 # The stop check rides on the last micro-step's metrics all-reduce (no collective of its own).
                 stop_requested=self.preemption.requested() if last else None)
-        except ValueError as e:  # SLM's selection refuses NaN losses, on every rank at once (a stop waits a step)
-            loss, stats = nan_step(e, token_loss)
+        except NaNScoreError:  # SLM's selection refuses NaN losses, on every rank at once (a stop waits a step)
+            loss, stats = nan_step(token_loss)
         self.guard.observe(stats)  # before the boundary step(), which applies or skips the update
         self.engine.backward(loss)
         self.engine.step()

@@ -5,6 +5,7 @@
 - the objective at DP=2 with DeepSpeed-style gradient averaging vs one process on the whole batch.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -24,6 +25,23 @@ def assert_close(actual, expected, rtol, atol):
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual, expected)
     err = (actual - expected).abs() - (atol + rtol * expected.abs())
     assert (err <= 0).all(), f"max excess error {err.max().item():.3g}:\n{actual}\n{expected}"
+
+
+@contextlib.contextmanager
+def counting_all_reduces():
+    """Yields a list that receives the element count of every dist.all_reduce made inside the block."""
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real_all_reduce
 
 
 # ---- vocab-parallel cross-entropy ------------------------------------------------------------------------------
@@ -48,20 +66,10 @@ def _vocab_parallel_worker(rank, world, vocab, chunk_size, sparse=False, keep_by
 
     shard = torch.tensor_split(full_w, world, dim=0)[rank].clone().requires_grad_()
     hidden = hidden0.clone().requires_grad_()
-    calls = []
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting_all_reduce
-    try:
+    with counting_all_reduces() as calls:
         loss = per_token_ce(hidden, shard, labels, chunk_size=chunk_size, tp_group=dist.group.WORLD,
                             vocab_block=16, keep_bytes=keep_bytes)
         (loss * grad_out).sum().backward()
-    finally:
-        dist.all_reduce = real_all_reduce
     # Row counts, max, sums, hidden-state gradient: four all-reduces whatever the chunking.
     assert len(calls) == 4, calls
 
@@ -101,18 +109,8 @@ def _selection_worker(rank, world, ratio):
     batches = [_local_batch(r) for r in range(world)]
     excess, valid = batches[rank]
 
-    calls = []
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting_all_reduce
-    try:
+    with counting_all_reduces() as calls:
         mask, threshold = select_tokens_with_threshold(excess, valid, ratio, "global")
-    finally:
-        dist.all_reduce = real_all_reduce
 
     # Brute force on the concatenation: sort by (excess desc, flat index asc), keep ceil(ratio * n).
     all_ex = torch.cat([b[0].flatten() for b in batches]).tolist()
