@@ -101,8 +101,6 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
 
-WEIGHTINGS = ("topk", "soft")
-SLM_SCORES = ("excess", "loss")
 COMBINES = ("mean", "min")
 
 
@@ -110,9 +108,10 @@ COMBINES = ("mean", "min")
 class SLMConfig:
     ratio: float = 0.6  # keep this fraction of labelled tokens (paper: 0.6 at 1.1B, 0.7 at 7B)
     scope: str = "global"  # sequence | rank | global
-    weighting: str = "topk"  # topk: the paper's hard top-k mask | soft: sigmoid((score - t) / temperature)
+    # The choices of weighting and score are the rules of megaslm/loss/rules/ (docs/objectives.md lists them).
+    weighting: str = "topk"  # topk: the paper's hard top-k mask | soft: sigmoid((score - t) / temperature) | ...
     temperature: float = 0.5  # of soft weighting, in nats of score; -> 0 gives top-k
-    score: str = "excess"  # excess: loss - reference loss (Rho-1) | loss: the model's own loss (no reference)
+    score: str = "excess"  # excess: loss - reference loss (Rho-1) | loss: the model's own loss (no reference) | ...
     start_step: int = 0  # plain CLM for optimizer steps < start_step, SLM after
     ratio_warmup_steps: int = 0  # after start_step the ratio goes linearly from 1.0 to `ratio` over these steps
 
@@ -321,14 +320,17 @@ def reference_paths(cfg: Config) -> list[str]:
 
 
 def _validate_slm(cfg: Config, bad) -> None:
+    from megaslm.loss.rules import SCORES, WEIGHTINGS  # the registries of the objective components
+
     s, r = cfg.slm, cfg.reference
-    choices = {"slm.weighting": (s.weighting, WEIGHTINGS), "slm.score": (s.score, SLM_SCORES),
+    choices = {"slm.weighting": (s.weighting, tuple(WEIGHTINGS)), "slm.score": (s.score, tuple(SCORES)),
                "reference.combine": (r.combine, COMBINES)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise bad(key, f"must be {' or '.join(allowed)}, got {value!r}")
-    if not s.temperature > 0:
-        raise bad("slm.temperature", f"must be > 0, got {s.temperature}")
+    for weighting in WEIGHTINGS.values():  # each checks the fields it owns, set whichever weighting is chosen
+        weighting.validate(s, bad)
+    SCORES[s.score].validate(cfg, bad)  # what the chosen score needs (a reference, ...)
     for key in ("start_step", "ratio_warmup_steps"):
         if getattr(s, key) < 0:
             raise bad(f"slm.{key}", f"must be >= 0, got {getattr(s, key)}")
@@ -342,9 +344,6 @@ def _validate_slm(cfg: Config, bad) -> None:
     if len(paths) > 1 and r.cache:
         raise bad("reference.cache", f"holds the losses of one model but reference.path lists {len(paths)}: "
                   "drop reference.cache to run the ensemble online")
-    if cfg.objective == "slm" and s.score == "excess" and not (paths or r.cache or r.ema_decay is not None):
-        raise bad("reference.path", "is required when objective is slm with slm.score excess (or reference.cache "
-                  "or reference.ema_decay)")
 
 
 def _validate_resilience(t: TrainConfig, bad) -> None:

@@ -1,7 +1,7 @@
 """Loss head and Rho-1 objective: chunked / vocab-parallel per-token CE, token selection, the training loss."""
 
 from .metrics import Metrics
-from .objective import StepNorm, compute_objective, plan_step, slm_ratio
+from .objective import Objective, StepNorm, compute_objective, plan_step, slm_ratio
 from .per_token_ce import per_token_ce
 from .selection import (
     NaNScoreError,
@@ -15,6 +15,7 @@ from .selection import (
 __all__ = [
     "Metrics",
     "NaNScoreError",
+    "Objective",
     "StepNorm",
     "compute_objective",
     "global_kth_largest",

@@ -57,3 +57,48 @@ class Metrics(dict):
             for name, (kind, a, b) in terms.items():
                 out._add(name, kind, a, b)
         return out
+
+
+def objective_metrics(sums: dict, w, objective, group, num_sources: int) -> Metrics:
+    """The objective's figures of one micro-step from its all-reduced sums (see compute_objective)."""
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    from .weights import EXCESS_QUANTILES
+
+    m = Metrics()
+    m.total("n_valid", sums["n_valid"])
+    if "stop_requested" in sums:
+        m.total("stop_requested", sums["stop_requested"])
+    m.ratio("loss", sums["wl"], sums["w"])
+    m.ratio("loss_all", sums["all_loss"], sums["n_valid"])
+    srcs = sums["_sources"]
+    for i in range(num_sources if srcs else 0):
+        m.total(f"tokens/{i}", srcs[i])
+    if objective.kind != "slm":
+        return m
+    n_sel, n_valid = sums["n_sel"], sums["n_valid"]
+    m.total("n_selected", n_sel)
+    m.ratio("loss_selected", sums["sel_loss"], n_sel)
+    m.ratio("selected_frac", n_sel, n_valid)
+    m.ratio("loss_unselected", sums["all_loss"] - sums["sel_loss"], n_valid - n_sel)
+    if "ref" in sums:
+        m.ratio("ref_loss", sums["ref"], n_valid)
+    objective.weighting.metrics(m, sums)
+    threshold = w.threshold
+    if objective.scope != "global" and group is not None:
+        # Local scopes have a threshold per row / rank: report the lowest selected score of the group.
+        t = torch.tensor(threshold if n_sel > 0 and threshold == threshold else math.inf, dtype=torch.float64,
+                         device=w.weights.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        threshold = t.item()
+    if n_sel > 0 and threshold is not None:
+        m.mean("threshold", threshold)
+    for q, v in zip(EXCESS_QUANTILES, w.quantiles):
+        if v == v:
+            m.mean(f"excess_p{round(q * 100)}", v)
+    for i in range(num_sources if srcs else 0):
+        m.ratio(f"selected_frac/{i}", srcs[num_sources + i], srcs[i])
+    return m

@@ -1,5 +1,6 @@
-"""The training objective the trainer calls once per micro-step: a token-weight function (megaslm/loss/weights.py)
-and one shared normalization, exact across data-parallel ranks and across gradient-accumulation micro-steps.
+"""The training objective the trainer calls once per micro-step: an `Objective` built once from the config (a
+weighting and a score from megaslm/loss/rules/) and one shared normalization, exact across data-parallel ranks
+and across gradient-accumulation micro-steps.
 
 Normalization. For weights w (clm: every labelled token, topk: the selected ones, soft: sigmoid weights) the
 step minimises sum(w_i * loss_i) / sum(w_i) over every token of the optimizer step: all data-parallel ranks and
@@ -15,18 +16,33 @@ gradient whenever the mean weight per labelled token is the same in every micro-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .metrics import Metrics
+from . import rules
+from .metrics import Metrics, objective_metrics
 from .selection import SCOPES, check_ratio, resolve_group
-from .weights import EXCESS_QUANTILES, NEEDS_REFERENCE, SCORES, WEIGHTINGS, global_mass, mass_from_counts
+from .weights import EXCESS_QUANTILES, Score, Weighting, Weights
 
 OBJECTIVES = ("clm", "slm")
-__all__ = ["OBJECTIVES", "EXCESS_QUANTILES", "StepNorm", "plan_step", "compute_objective", "slm_ratio"]
+__all__ = ["OBJECTIVES", "EXCESS_QUANTILES", "Objective", "StepNorm", "plan_step", "compute_objective",
+           "slm_ratio"]
+
+
+class _Every(Weighting):
+    """CLM: weight 1 on every labelled token (no selection)."""
+    name = "clm"
+
+    def weights(self, score, valid, ratio, scope, group) -> Weights:
+        return Weights(valid.float(), valid)
+
+    def local_mass(self, ratio, scope, row_counts):
+        return float(row_counts.sum())
+
+    def global_mass(self, ratio, scope, n_valid, summed_local):
+        return float(n_valid)
 
 
 @dataclass(frozen=True)
@@ -37,21 +53,114 @@ class StepNorm:
     mass: float | None  # sum of the weights of the whole step, all ranks (None: not known before the forwards)
 
 
-def plan_step(valids: list[torch.Tensor], *, weighting: str, ratio: float, scope: str,
+class Objective:
+    """What a run optimises, built once: `kind` "clm" (every labelled token) or "slm" (`weighting` of `score`
+    within `scope`). Calling it gives (loss to backpropagate, Metrics) for one micro-batch of one rank."""
+
+    def __init__(self, kind: str = "clm", *, weighting: str = "topk", score: str = "excess",
+                 scope: str = "global", slm=None):
+        if kind not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {kind!r}")
+        self.kind, self.scope = kind, scope
+        self.score: Score | None = None
+        if kind == "clm":
+            self.weighting: Weighting = _Every()
+            return
+        if scope not in SCOPES:
+            raise ValueError(f"selection scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if weighting not in rules.WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(rules.WEIGHTINGS)}, got {weighting!r}")
+        if score not in rules.SCORES:
+            raise ValueError(f"score must be one of {', '.join(rules.SCORES)}, got {score!r}")
+        self.weighting = rules.WEIGHTINGS[weighting](slm)
+        self.score = rules.SCORES[score]()
+
+    @classmethod
+    def from_config(cls, cfg) -> Objective:
+        s = cfg.slm
+        return cls(cfg.objective, weighting=s.weighting, score=s.score, scope=s.scope, slm=s)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.score is not None and self.score.needs_reference
+
+    @property
+    def head_outputs(self) -> tuple[str, ...]:
+        """Per-token outputs the score needs from the loss head beside the loss (e.g. ("entropy",))."""
+        return self.score.head_outputs if self.score is not None else ()
+
+    def plan_step(self, valids: list[torch.Tensor], ratio: float, dp_group=None) -> StepNorm:
+        return plan_step(valids, weighting=self.weighting, ratio=ratio, scope=self.scope, dp_group=dp_group)
+
+    def __call__(self, token_loss, valid, *, ratio: float, ref_loss=None, head: dict | None = None, dp_group=None,
+                 step: StepNorm | None = None, source=None, num_sources: int = 0, stop_requested=None):
+        """token_loss: [B, T] float32 per-token CE with grad (0 where not valid); valid: [B, T] bool labelled
+        tokens; ref_loss: [B, T] reference losses (scores that need one); head: extra loss-head outputs
+        ({"entropy": [B, T]}, scores that ask for them). See `compute_objective` for the rest."""
+        self._check(token_loss, ref_loss, head or {}, valid, source, ratio)
+        group = resolve_group(dp_group)
+        dp_size = dist.get_world_size(group) if group is not None else 1
+        valid = valid.bool()
+        scores = token_loss.detach().float()
+        if self.score is not None:
+            ref = None if ref_loss is None else ref_loss.detach().float()
+            scores = self.score(scores, ref, {k: v.detach().float() for k, v in (head or {}).items()})
+        w = self.weighting.weights(scores, valid, ratio, self.scope, group)
+
+        # where(), not a product: a NaN/inf on a zero-weight position must not reach the sum or its gradient.
+        live = valid & (w.weights > 0)
+        weighted_sum = torch.where(live, token_loss * w.weights, 0.0).sum()
+
+        sums = _global_sums(token_loss, ref_loss if self.needs_reference else None, valid, w,
+                            self.weighting.sums(w, valid), source, num_sources, group, stop_requested)
+        w_micro, n_micro = sums["w"], sums["n_valid"]
+        if step is None:
+            step = StepNorm(1, n_micro, w_micro if self.weighting.mass_known else None)
+        # DeepSpeed divides by grad_accum and averages over the dp ranks: undo both, then divide by the step's mass.
+        scale = dp_size * step.micro_steps
+        if step.mass is not None:
+            loss = weighted_sum * (scale / step.mass) if step.mass > 0 else weighted_sum * 0.0
+        elif w_micro > 0 and step.n_valid > 0:
+            loss = weighted_sum * (scale * n_micro / (w_micro * step.n_valid))
+        else:
+            loss = weighted_sum * 0.0
+        return loss, objective_metrics(sums, w, self, group, num_sources)
+
+    def _check(self, token_loss, ref_loss, head, valid, source, ratio) -> None:
+        if token_loss.dim() != 2 or token_loss.shape != valid.shape:
+            raise ValueError(f"token_loss {tuple(token_loss.shape)} and valid {tuple(valid.shape)} must both be "
+                             "[B, T]")
+        if source is not None and source.shape != token_loss.shape:
+            raise ValueError(f"source {tuple(source.shape)} must match token_loss {tuple(token_loss.shape)}")
+        if self.score is None:
+            return
+        check_ratio(ratio)
+        name = self.score.name
+        if self.needs_reference and (ref_loss is None or ref_loss.shape != token_loss.shape):
+            raise ValueError(f"objective 'slm' with score {name!r} needs ref_loss shaped like token_loss")
+        for key in self.score.head_outputs:
+            if key not in head or head[key].shape != token_loss.shape:
+                raise ValueError(f"objective 'slm' with score {name!r} needs the loss head's {key!r} shaped like "
+                                 "token_loss")
+
+
+def plan_step(valids: list[torch.Tensor], *, weighting: str | Weighting, ratio: float, scope: str,
               dp_group: dist.ProcessGroup | None = None) -> StepNorm:
     """The StepNorm of the micro-batches `valids` ([B, T] bool each, this rank's, in micro-step order).
     One all-reduce for the whole step; every rank of dp_group must call it together."""
+    if isinstance(weighting, str):
+        weighting = _Every() if weighting == "clm" else rules.WEIGHTINGS[weighting]()
     group = resolve_group(dp_group)
     local = []
     for v in valids:
         rows = v.bool().sum(dim=1)
-        m = mass_from_counts(weighting, ratio, scope, rows)
+        m = weighting.local_mass(ratio, scope, rows)
         local += [float(rows.sum()), m if m is not None else 0.0]
     sums = torch.tensor(local, dtype=torch.float64, device=valids[0].device)
     if group is not None:
         dist.all_reduce(sums, group=group)  # sync point: the step's normaliser is global
     counts = sums.view(-1, 2).tolist()
-    masses = [global_mass(weighting, ratio, scope, int(n), m) for n, m in counts]
+    masses = [weighting.global_mass(ratio, scope, int(n), m) for n, m in counts]
     mass = None if any(m is None for m in masses) else float(sum(masses))
     return StepNorm(len(valids), float(sum(n for n, _ in counts)), mass)
 
@@ -68,93 +177,41 @@ def slm_ratio(ratio: float, step: int, start_step: int = 0, warmup_steps: int = 
     return 1.0 + (ratio - 1.0) * frac
 
 
-def compute_objective(
-    token_loss: torch.Tensor,
-    ref_loss: torch.Tensor | None,
-    valid: torch.Tensor,
-    *,
-    objective: str,
-    ratio: float,
-    scope: str,
-    dp_group: dist.ProcessGroup | None = None,
-    source: torch.Tensor | None = None,
-    num_sources: int = 0,
-    weighting: str = "topk",
-    score: str = "excess",
-    temperature: float = 1.0,
-    step: StepNorm | None = None,
-    stop_requested: bool | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank.
+def compute_objective(token_loss, ref_loss, valid, *, objective: str | Objective, ratio: float, scope: str = "global",
+                      dp_group=None, source=None, num_sources: int = 0, weighting: str = "topk",
+                      score: str = "excess", temperature: float = 1.0, step: StepNorm | None = None,
+                      stop_requested: bool | None = None, head: dict | None = None) -> tuple[torch.Tensor, Metrics]:
+    """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank: `objective` (a built
+    Objective, or its kind "clm" | "slm" with `weighting`, `score`, `scope` and `temperature`) of the tensors.
 
     token_loss: [B, T] float32 per-token CE with grad (0 where not valid); ref_loss: [B, T] reference losses (no
-    grad; needed for objective "slm" with score "excess", else ignored); valid: [B, T] bool labelled tokens.
-    objective "clm": every valid token, weight 1; "slm": `weighting` (topk | soft, see weights.py) of `score`
-    (excess | loss) with `ratio`, `scope` and (soft) `temperature`. dp_group: the data-parallel group (default:
-    the world when torch.distributed is initialized); every rank calls this together. step: the optimizer step's
-    StepNorm (default: this micro-step alone). source: optional [B, T] long source index of each token.
+    grad; scores with needs_reference, else ignored); valid: [B, T] bool labelled tokens; head: extra loss-head
+    outputs. dp_group: the data-parallel group (default: the world when torch.distributed is initialized); every
+    rank calls this together. step: the optimizer step's StepNorm (default: this micro-step alone). source:
+    optional [B, T] long source index of each token.
 
     Metrics (a `Metrics`: identical on every rank, global micro-batch, each with its reduction): loss (weighted
     mean CE), loss_all, n_valid; for "slm" also loss_selected, loss_unselected (omitted when every valid token is
-    selected), ref_loss (score excess), selected_frac, n_selected, threshold, excess_p10/p50/p90 (quantiles of the
-    score); for soft also effective_frac (sum w / n_valid) and weight_entropy (nats, of w / sum w). Means over no
+    selected), ref_loss (scores with a reference), selected_frac, n_selected, threshold, excess_p10/p50/p90
+    (quantiles of the score); each weighting adds its own (soft: effective_frac, weight_entropy). Means over no
     tokens are omitted rather than NaN. With `source`: tokens/<i>, and (slm) selected_frac/<i>.
     stop_requested: this rank's stop flag, summed over dp_group in the same all-reduce as the metrics (the
     trainer's per-step stop check costs no collective of its own); the count of ranks that asked comes back as
     stats["stop_requested"]. Every rank of dp_group passes one or none.
     """
-    name = _check(token_loss, ref_loss, valid, objective, ratio, scope, weighting, score, source)
-    group = resolve_group(dp_group)
-    dp_size = dist.get_world_size(group) if group is not None else 1
-    valid = valid.bool()
-    scores = token_loss.detach().float()
-    if name != "clm":
-        scores = SCORES[score](scores, None if ref_loss is None else ref_loss.detach().float())
-    w = WEIGHTINGS[name](scores, valid, ratio, scope, temperature, group)
-
-    # where(), not a product: a NaN/inf on a zero-weight position must not reach the sum or its gradient.
-    live = valid & (w.weights > 0)
-    weighted_sum = torch.where(live, token_loss * w.weights, 0.0).sum()
-
-    sums, layout = _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_sources, group,
-                                stop_requested)
-    w_micro, n_micro = sums["w"], sums["n_valid"]
-    if step is None:
-        step = StepNorm(1, n_micro, w_micro if name != "soft" else None)
-    # DeepSpeed divides by grad_accum and averages over the dp ranks: undo both, then divide by the step's mass.
-    scale = dp_size * step.micro_steps
-    if step.mass is not None:
-        loss = weighted_sum * (scale / step.mass) if step.mass > 0 else weighted_sum * 0.0
-    elif w_micro > 0 and step.n_valid > 0:
-        loss = weighted_sum * (scale * n_micro / (w_micro * step.n_valid))
-    else:
-        loss = weighted_sum * 0.0
-    return loss, _metrics(sums, layout, w, name, objective, score, scope, group, num_sources)
+    if not isinstance(objective, Objective):
+        objective = Objective(objective, weighting=weighting, score=score, scope=scope,
+                              slm=_Options(temperature))
+    return objective(token_loss, valid, ratio=ratio, ref_loss=ref_loss, head=head, dp_group=dp_group, step=step,
+                     source=source, num_sources=num_sources, stop_requested=stop_requested)
 
 
-def _check(token_loss, ref_loss, valid, objective, ratio, scope, weighting, score, source) -> str:
-    """The weighting to apply ("clm" for objective clm); ValueError on bad arguments."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if token_loss.dim() != 2 or token_loss.shape != valid.shape:
-        raise ValueError(f"token_loss {tuple(token_loss.shape)} and valid {tuple(valid.shape)} must both be [B, T]")
-    if source is not None and source.shape != token_loss.shape:
-        raise ValueError(f"source {tuple(source.shape)} must match token_loss {tuple(token_loss.shape)}")
-    if objective == "clm":
-        return "clm"
-    check_ratio(ratio)
-    if scope not in SCOPES:
-        raise ValueError(f"selection scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if weighting not in WEIGHTINGS or weighting == "clm":
-        raise ValueError(f"weighting must be one of topk, soft, got {weighting!r}")
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    if NEEDS_REFERENCE[score] and (ref_loss is None or ref_loss.shape != token_loss.shape):
-        raise ValueError(f"objective 'slm' with score {score!r} needs ref_loss shaped like token_loss")
-    return weighting
+@dataclass
+class _Options:
+    temperature: float
 
 
-def _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_sources, group, stop_requested):
+def _global_sums(token_loss, ref_loss, valid, w, extra, source, num_sources, group, stop_requested):
     """Every sum the metrics and the normalization need, in one all-reduce (float64: counts stay exact)."""
     loss_d = token_loss.detach().double()
     wd, sel = w.weights.double(), w.selected
@@ -166,10 +223,9 @@ def _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_source
         "all_loss": torch.where(valid, loss_d, 0.0).sum(),
         "n_valid": valid.sum().double(),
     }
-    if name != "clm" and score == "excess":
+    if ref_loss is not None:
         parts["ref"] = torch.where(valid, ref_loss.detach().double(), 0.0).sum()
-    if name == "soft":
-        parts["wlogw"] = torch.where(wd > 0, wd * torch.log(wd.clamp_min(1e-300)), 0.0).sum()
+    parts.update(extra)
     if stop_requested is not None:
         parts["stop_requested"] = wd.new_tensor(float(stop_requested))
     layout = list(parts)
@@ -184,44 +240,4 @@ def _global_sums(token_loss, ref_loss, valid, w, name, score, source, num_source
     values = vec.tolist()  # sync point: the normaliser is a Python float
     sums = dict(zip(layout, values))
     sums["_sources"] = values[len(layout):]
-    return sums, layout
-
-
-def _metrics(sums, layout, w, name, objective, score, scope, group, num_sources) -> Metrics:
-    m = Metrics()
-    m.total("n_valid", sums["n_valid"])
-    if "stop_requested" in sums:
-        m.total("stop_requested", sums["stop_requested"])
-    m.ratio("loss", sums["wl"], sums["w"])
-    m.ratio("loss_all", sums["all_loss"], sums["n_valid"])
-    srcs = sums["_sources"]
-    for i in range(num_sources if srcs else 0):
-        m.total(f"tokens/{i}", srcs[i])
-    if objective != "slm":
-        return m
-    n_sel, n_valid = sums["n_sel"], sums["n_valid"]
-    m.total("n_selected", n_sel)
-    m.ratio("loss_selected", sums["sel_loss"], n_sel)
-    m.ratio("selected_frac", n_sel, n_valid)
-    m.ratio("loss_unselected", sums["all_loss"] - sums["sel_loss"], n_valid - n_sel)
-    if "ref" in sums:
-        m.ratio("ref_loss", sums["ref"], n_valid)
-    if name == "soft":
-        m.ratio("effective_frac", sums["w"], n_valid)
-        if sums["w"] > 0:  # entropy of p = w / W: log W - sum(w log w) / W
-            m.mean("weight_entropy", math.log(sums["w"]) - sums["wlogw"] / sums["w"])
-    threshold = w.threshold
-    if scope != "global" and group is not None:
-        # Local scopes have a threshold per row / rank: report the lowest selected score of the group.
-        t = torch.tensor(threshold if n_sel > 0 and threshold == threshold else math.inf, dtype=torch.float64,
-                         device=w.weights.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-        threshold = t.item()
-    if n_sel > 0 and threshold is not None:
-        m.mean("threshold", threshold)
-    for q, v in zip(EXCESS_QUANTILES, w.quantiles):
-        if v == v:
-            m.mean(f"excess_p{round(q * 100)}", v)
-    for i in range(num_sources if srcs else 0):
-        m.ratio(f"selected_frac/{i}", srcs[num_sources + i], srcs[i])
-    return m
+    return sums

@@ -48,7 +48,8 @@ def per_token_ce(
     tp_group: dist.ProcessGroup | None = None,
     vocab_block: int | None = None,
     keep_bytes: int = 0,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Float32 cross-entropy of every position, shaped like `labels`.
 
     hidden: [..., H] final hidden states (any float dtype); weight: [V_local, H] LM-head rows held by this rank;
@@ -63,6 +64,8 @@ def per_token_ce(
     Every rank of the group must call this with the same hidden shape, labels and chunk_size.
     keep_bytes: budget for fp32 [chunk, block] exp-logits kept from forward to backward (skipping their
     recompute), in order; only used when a gradient will be taken. The logits matmul then runs 3 times, not 4.
+    with_entropy: also return the predictive entropy -sum(p log p) of every position (0 where ignored), from the
+    same online softmax (one more running sum per token, no extra collective; no gradient flows through it).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"per_token_ce: hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
@@ -98,10 +101,12 @@ def per_token_ce(
             f"per_token_ce: label {int(labels_flat[bad][0])} outside the vocabulary [0, {vocab_size}) "
             "(tokenizer and model vocabulary differ?)"
         )
-    loss = _ChunkedLinearCE.apply(
+    loss, entropy = _ChunkedLinearCE.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels_flat, valid, chunk_size, vocab_block, tp_group,
-        vocab_start, keep_blocks,
+        vocab_start, keep_blocks, with_entropy,
     )
+    if with_entropy:
+        return loss.view(labels.shape), entropy.view(labels.shape)
     return loss.view(labels.shape)
 
 
@@ -129,13 +134,15 @@ def _local_targets(labels: torch.Tensor, valid: torch.Tensor, vocab_start: int, 
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, valid, chunk_size, vocab_block, tp_group, vocab_start, keep_blocks):
+    def forward(ctx, hidden, weight, labels, valid, chunk_size, vocab_block, tp_group, vocab_start, keep_blocks,
+                with_entropy=False):
         n, rows = hidden.shape[0], weight.shape[0]
         # This rank's softmax statistics over its rows, online over vocabulary blocks (flash-attention style):
         # running max, sum of exp(logit - running max), and the target logit where the label is here.
         run_max = torch.full((n,), float("-inf"), device=hidden.device)
         sum_exp = torch.zeros(n, device=hidden.device)
         target = torch.zeros(n, device=hidden.device)
+        ent = _Entropy(n, hidden.device) if with_entropy else None
         kept = {}  # (token chunk, vocab block) -> (exp(logits - max_at_that_block), that max)
         for s in range(0, n, chunk_size):
             t = slice(s, min(n, s + chunk_size))
@@ -147,6 +154,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 new_max = torch.maximum(run_max[t], logits.amax(dim=1))
                 # In place: exp(logits - max) reuses the block's buffer.
                 block_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+                if ent is not None:
+                    ent.add_block(t, logits, run_max[t], new_max, sum_exp[t])
                 sum_exp[t] = sum_exp[t] * (run_max[t] - new_max).exp() + block_sum
                 run_max[t] = new_max
                 if len(kept) < keep_blocks:
@@ -157,19 +166,27 @@ class _ChunkedLinearCE(torch.autograd.Function):
             # (the owner rank holds the target logit, the others hold 0).
             glob_max = run_max.clone()
             dist.all_reduce(glob_max, op=dist.ReduceOp.MAX, group=tp_group)
-            both = torch.stack([sum_exp * (run_max - glob_max).exp(), target])
+            stats = [sum_exp * (run_max - glob_max).exp(), target]
+            if ent is not None:
+                stats.append(ent.rescaled(run_max, glob_max, sum_exp))
+            both = torch.stack(stats)
             dist.all_reduce(both, group=tp_group)
             sum_exp, target, run_max = both[0], both[1], glob_max
+            if ent is not None:
+                ent.s1 = both[2]
         lse = sum_exp.log() + run_max
         loss = torch.where(valid, lse - target, 0.0)
+        entropy = torch.where(valid, sum_exp.log() - ent.s1 / sum_exp, 0.0) if ent is not None else None
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
         ctx.save_for_backward(hidden, weight, labels, valid, lse)
         ctx.chunk_size, ctx.vocab_block, ctx.tp_group, ctx.vocab_start = chunk_size, vocab_block, tp_group, vocab_start
         ctx.kept = kept
-        return loss
+        return loss, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_entropy=None):
         hidden, weight, labels, valid, lse = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -219,7 +236,28 @@ class _ChunkedLinearCE(torch.autograd.Function):
         if need_h and ctx.tp_group is not None:
             # Each rank holds the contribution of its own vocab rows; the head's input is replicated.
             dist.all_reduce(grad_h, group=ctx.tp_group)
-        return grad_h, grad_w.result() if need_w else None, None, None, None, None, None, None, None
+        return grad_h, grad_w.result() if need_w else None, None, None, None, None, None, None, None, None
+
+
+class _Entropy:
+    """The running sum s1 = sum_j exp(l_j - m) * (l_j - m) beside sum_exp = sum_j exp(l_j - m), so that the
+    entropy is log(sum_exp) - s1 / sum_exp; rescaled like sum_exp when the running max m moves."""
+
+    def __init__(self, n: int, device):
+        self.s1 = torch.zeros(n, device=device)
+
+    @staticmethod
+    def _moved(s1, old_max, new_max, old_sum):
+        # sum exp(l - new) (l - new) = r * (s1 + (old - new) * old_sum), r = exp(old - new); 0 before any block.
+        return torch.where(old_sum > 0, (old_max - new_max).exp() * (s1 + (old_max - new_max) * old_sum), 0.0)
+
+    def add_block(self, t, exp_shifted, old_max, new_max, old_sum) -> None:
+        """exp_shifted: the block's exp(l - new_max); xlogy(e, e) = e * (l - new_max)."""
+        self.s1[t] = self._moved(self.s1[t], old_max, new_max, old_sum) + torch.special.xlogy(
+            exp_shifted, exp_shifted).sum(dim=1)
+
+    def rescaled(self, local_max, glob_max, local_sum):
+        return self._moved(self.s1, local_max, glob_max, local_sum)
 
 
 class _WeightGrad:

@@ -97,14 +97,21 @@ class TokenLossModel(nn.Module):
             # The head's weight is used here, outside lm_head.forward: ask ZeRO-3 to gather it for our forward.
             deepspeed.zero.register_external_parameter(self, lm_head_weight(lm))
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                head_outputs: tuple[str, ...] = ()):
+        """head_outputs: extra per-token outputs of the loss head, ("entropy",) or (); when any is asked for, the
+        result is (losses, {name: [B, T]})."""
         # position_ids that restart at document starts make transformers build a block-diagonal causal mask
         # (its packed-sequence path): document masking with the model untouched.
         hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
-        return per_token_ce(hidden, lm_head_weight(self.lm), labels, chunk_size=self.chunk_size,
-                            tp_group=self.tp_group, vocab_block=self.vocab_block, keep_bytes=self.keep_bytes)
+        unknown = set(head_outputs) - {"entropy"}
+        if unknown:
+            raise ValueError(f"the loss head has no output {sorted(unknown)} (it has: entropy)")
+        out = per_token_ce(hidden, lm_head_weight(self.lm), labels, chunk_size=self.chunk_size,
+                           tp_group=self.tp_group, vocab_block=self.vocab_block, keep_bytes=self.keep_bytes,
+                           with_entropy="entropy" in head_outputs)
+        return (out[0], {"entropy": out[1]}) if head_outputs else out
 
 
 def model_summary(lm: nn.Module) -> dict:

@@ -40,8 +40,11 @@ class ReferenceLosses(Protocol):
 
 
 def needs_reference(cfg) -> bool:
-    """SLM on the excess loss needs reference losses; CLM and `slm.score: loss` do not (none is loaded)."""
-    return cfg.objective == "slm" and cfg.slm.score == "excess"
+    """Scores that read reference losses (excess, retrospective) need one; CLM and `slm.score: loss` or
+    `entropy` do not (none is loaded)."""
+    from megaslm.loss.rules import SCORES
+
+    return cfg.objective == "slm" and SCORES[cfg.slm.score].needs_reference
 
 
 def make_reference(cfg, *, shards, dtype: torch.dtype, micro_batch_size: int, dp_size: int, mpu=None,

@@ -96,8 +96,8 @@ def test_ds_config_names_resolve_inside_the_checkout():
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["slm.weighting=hard"], "slm.weighting must be topk or soft, got 'hard'"),
-    (["slm.score=surprise"], "slm.score must be excess or loss"),
+    (["slm.weighting=hard"], "slm.weighting must be topk or soft or cvar, got 'hard'"),
+    (["slm.score=surprise"], "slm.score must be excess or loss or entropy or retrospective"),
     (["reference.combine=max"], "reference.combine must be mean or min"),
     (["slm.temperature=0"], "slm.temperature must be > 0"),
     (["slm.start_step=-1"], "slm.start_step must be >= 0"),

@@ -1,0 +1,108 @@
+"""Rho-1's rules (arXiv 2404.07965) and the reference-free loss score.
+
+Weightings:
+- topk: the exact top-k mask of megaslm.loss.selection (k = ceil(ratio * n_valid) per scope, the deterministic
+        tie rule), as 0/1 weights; sum(w) = the k's, known from the label counts before any forward.
+- soft: w = sigmoid((score - t) / slm.temperature) on labelled tokens, t the threshold top-k would use (the
+        score of the k-th selected token: global over the data-parallel group, per row for scope "sequence",
+        per rank for "rank"). As the temperature -> 0 it tends to the top-k mask (the k-th token itself gets 1/2).
+Scores: excess = token_loss - ref_loss (Rho-1); loss = the trained model's own token_loss (no reference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megaslm.loss.selection import num_to_keep, select_with_quantiles
+from megaslm.loss.weights import (EXCESS_QUANTILES, Score, Weighting, Weights, register_score,
+                                  register_weighting)
+
+
+def top_k(score, valid, ratio, scope, group) -> Weights:
+    """The top-k mask as 0/1 weights, with its threshold and the score quantiles (shared by the weightings)."""
+    mask, threshold, quantiles = select_with_quantiles(score, valid, ratio, scope, EXCESS_QUANTILES, group)
+    return Weights(mask.float(), mask, threshold, quantiles)
+
+
+def thresholds(score: torch.Tensor, mask: torch.Tensor, scope: str, threshold: float) -> torch.Tensor | float:
+    """The threshold each token is compared with: one value for "global", per row / per rank otherwise."""
+    if scope == "global":
+        return threshold
+    s = torch.where(mask, score.detach().float(), math.inf)
+    t = s.amin(dim=1, keepdim=True) if scope == "sequence" else s.amin()
+    return torch.where(torch.isinf(t), 0.0, t)  # a row with nothing selected has no valid token either
+
+
+@register_weighting
+class TopK(Weighting):
+    name = "topk"
+
+    def weights(self, score, valid, ratio, scope, group) -> Weights:
+        return top_k(score, valid, ratio, scope, group)
+
+    def local_mass(self, ratio, scope, row_counts):
+        if scope == "sequence":
+            return float(sum(num_to_keep(ratio, int(n)) for n in row_counts.tolist()))
+        if scope == "rank":
+            return float(num_to_keep(ratio, int(row_counts.sum())))
+        return 0.0  # global: known only after the all-reduce of the counts
+
+    def global_mass(self, ratio, scope, n_valid, summed_local):
+        return float(num_to_keep(ratio, n_valid)) if scope == "global" else summed_local
+
+
+@register_weighting
+class Soft(Weighting):
+    name = "soft"
+    mass_known = False
+
+    def __init__(self, slm=None):
+        self.temperature = getattr(slm, "temperature", 0.5)
+        if not self.temperature > 0:
+            raise ValueError(f"soft weighting needs a temperature > 0, got {self.temperature!r}")
+
+    @classmethod
+    def validate(cls, slm, bad) -> None:
+        if not slm.temperature > 0:
+            raise bad("slm.temperature", f"must be > 0, got {slm.temperature}")
+
+    def weights(self, score, valid, ratio, scope, group) -> Weights:
+        w = top_k(score, valid, ratio, scope, group)
+        t = thresholds(score, w.selected, scope, w.threshold)
+        soft = torch.sigmoid((score.detach().float() - t) / self.temperature)
+        return Weights(torch.where(valid, soft, 0.0), w.selected, w.threshold, w.quantiles)
+
+    def sums(self, w, valid):
+        wd = w.weights.double()
+        return {"wlogw": torch.where(wd > 0, wd * torch.log(wd.clamp_min(1e-300)), 0.0).sum()}
+
+    def metrics(self, m, sums):
+        m.ratio("effective_frac", sums["w"], sums["n_valid"])
+        if sums["w"] > 0:  # entropy of p = w / W: log W - sum(w log w) / W
+            m.mean("weight_entropy", math.log(sums["w"]) - sums["wlogw"] / sums["w"])
+
+
+@register_score
+class Excess(Score):
+    name = "excess"
+    needs_reference = True
+
+    @classmethod
+    def validate(cls, cfg, bad) -> None:
+        r = cfg.reference
+        if cfg.objective == "slm" and not (r.path or r.cache or r.ema_decay is not None):
+            raise bad("reference.path", f"is required when objective is slm with slm.score {cls.name} (or "
+                      "reference.cache or reference.ema_decay)")
+
+    def __call__(self, token_loss, ref_loss, head):
+        return token_loss - ref_loss
+
+
+@register_score
+class OwnLoss(Score):
+    name = "loss"
+
+    def __call__(self, token_loss, ref_loss, head):
+        return token_loss
