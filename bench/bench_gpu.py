@@ -124,10 +124,10 @@ def worker(config: str, warmup: int, steps: int, result: str) -> None:
     import torch.distributed as dist
 
     from megaslm.config import load_config
-    from megaslm.train.trainer import Trainer
+    from megaslm.launch import build_trainer
 
     cuda = torch.cuda.is_available()
-    trainer = Trainer(load_config(config))
+    trainer = build_trainer(load_config(config))
     for _ in range(warmup):
         trainer.train_step()
     if cuda:

@@ -1,5 +1,6 @@
 """Objectives compared on the demo corpora: CLM, Rho-1 top-k, soft weights, reference-free `score: loss`, an EMA
-self-reference, an ensemble of two references, and a start-step schedule.
+self-reference, an ensemble of two references, a start-step schedule, ESLM's entropy top-k and CVaR, and ssToken's
+retrospective excess loss with an EMA history.
 
 Two settings, each on the same tokenizer and shards (reference data: clean prose; training data: the noisy mix
 of clean prose and Debian changelogs; held-out: clean prose):
@@ -112,13 +113,22 @@ def variants(ref_a: str, ref_b: str, steps: int) -> dict[str, dict]:
         "ema_0.95": {"objective": "slm", "slm": {"ratio": 0.6}, "reference": {"ema_decay": 0.95}},
         "ensemble_mean": {"objective": "slm", "slm": {"ratio": 0.6}, "reference": {"path": [ref_a, ref_b]}},
         "start_step": {**slm, "slm": {"ratio": 0.6, "start_step": steps // 4, "ratio_warmup_steps": steps // 4}},
+        # ESLM (arXiv 2505.19893): the top 60% by predictive entropy (value-at-risk), and its CVaR weighting.
+        "entropy_topk_0.6": {"objective": "slm", "slm": {"ratio": 0.6, "score": "entropy"}},
+        "entropy_cvar_0.6": {"objective": "slm", "slm": {"ratio": 0.6, "score": "entropy", "weighting": "cvar"}},
+        # ssToken (arXiv 2510.18250): retrospective excess loss, history = an EMA of the trained model.
+        "retro_ema_0.95": {"objective": "slm", "slm": {"ratio": 0.6, "score": "retrospective"},
+                           "reference": {"ema_decay": 0.95}},
     }
 
 
-def setting(r: Runner, label: str, train_data: str, ref_a: str, ref_b: str, seeds: int, init: str | None) -> dict:
+def setting(r: Runner, label: str, train_data: str, ref_a: str, ref_b: str, seeds: int, init: str | None,
+            only: list[str] | None = None) -> dict:
     out = {}
     for seed in range(seeds):
         for name, sec in variants(ref_a, ref_b, r.steps).items():
+            if only and name not in only and name != "clm":  # CLM is every comparison's baseline
+                continue
             recs = r.train(f"{label}_{name}_s{seed}", train_data, r.steps, seed=seed + 1, init=init, **sec)
             out.setdefault(name, []).append([(x["step"], x["val_loss"]) for x in recs if x.get("val_loss") is not None])
     return out
@@ -180,7 +190,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--corpus-from", default=None, help="reuse the shards of a `megaslm demo --quick` directory")
     ap.add_argument("--settings", default="scratch,continual")
+    ap.add_argument("--variants", default="", help="comma-separated variants to run (default: all; clm always runs)")
     a = ap.parse_args()
+    only = [v for v in a.variants.split(",") if v] or None
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = corpora(out, a.corpus_from)
@@ -190,14 +202,14 @@ def main() -> None:
         r.train("scratch_ref_a", data["clean"], a.ref_steps, seed=100)
         r.train("scratch_ref_b", data["clean"], a.ref_steps, seed=101)
         all_curves["scratch"] = setting(r, "scratch", data["noisy"], r.export("scratch_ref_a"),
-                                        r.export("scratch_ref_b"), a.seeds, None)
+                                        r.export("scratch_ref_b"), a.seeds, None, only)
     if "continual" in a.settings:
         r.train("cont_base", data["noisy"], a.base_steps, seed=200)
         base = r.export("cont_base")
         r.train("cont_ref_a", data["clean"], a.ref_steps, seed=201, init=base)
         r.train("cont_ref_b", data["clean"], a.ref_steps, seed=202, init=base)
         all_curves["continual"] = setting(r, "cont", data["noisy"], r.export("cont_ref_a"), r.export("cont_ref_b"),
-                                          a.seeds, base)
+                                          a.seeds, base, only)
     summary = {label: summarize(c) for label, c in all_curves.items()}
     plot(all_curves, out / "bench_objectives.png")
     lines = ["# bench_objectives", "", f"{a.seeds} seed(s); {a.steps} steps per variant (seq 64 x 8 sequences, "

@@ -41,7 +41,7 @@ def cmd_train(a) -> int:
 
     cfg = load_config(a.config, a.overrides)
     from megaslm.preflight import check_config
-    from megaslm.train.trainer import main_entry
+    from megaslm.launch import main_entry
 
     check_config(cfg)  # before any process group or engine: refuse what cannot run
 

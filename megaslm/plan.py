@@ -118,15 +118,14 @@ def reference_members(cfg: Config, model: ModelDescription, d: int, hw: Hardware
     EMA copy of the trained model; else one per reference.path entry (an ensemble lists several; a path that does
     not exist yet is planned as the trained model's architecture)."""
     from megaslm.preflight import reference_hf_config
-    from megaslm.reference import needs_reference
+    from megaslm.reference import resolve
 
-    if not needs_reference(cfg):
-        return []
-    if cfg.reference.ema_decay is not None:
-        return [(model, "ema")]
     members = []
-    for path in reference_paths(cfg) or [None]:
-        ref_cfg = reference_hf_config(cfg, path)
+    for src in resolve(cfg, assume_cache_scored=True):  # the precedence training uses
+        if src.kind == "ema":
+            members.append((model, "ema"))
+            continue
+        ref_cfg = reference_hf_config(cfg, src.path)
         ref = describe(ref_cfg) if ref_cfg is not None else model
         members.append((ref, resolve_placement(cfg, ref, d, hw)))
     return members

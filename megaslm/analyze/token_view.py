@@ -19,7 +19,7 @@ from megaslm.analyze.documents import pieces
 from megaslm.atomic import write_text
 from megaslm.data.loader import IGNORE_INDEX, PackedLoader, model_inputs
 from megaslm.loss import select_tokens
-from megaslm.train.callbacks import Callback
+from megaslm.callbacks import Callback
 
 MAX_SEQUENCES = 4
 

@@ -36,10 +36,10 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
+from megaslm import atomic
 from megaslm.errors import UserError
 
 FORMAT_VERSION = 2
@@ -56,16 +56,15 @@ def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "uint32"
 
 
+def _ours(name: str) -> bool:
+    return name == META_FILE or (name.startswith(("tokens_", "docs_", "mask_"))
+                                 and name.endswith((".bin", ".npy", ".partial")))
+
+
 def _is_replaceable(path: str) -> bool:
     """True if `path` may be replaced by a new shard set: absent, empty, or itself a shard set (or the
     remains of one). Anything else is the user's directory and is left alone."""
-    if not os.path.exists(path):
-        return True
-    if not os.path.isdir(path):
-        return False
-    names = os.listdir(path)
-    return all(n == META_FILE or (n.startswith(("tokens_", "docs_", "mask_")) and n.endswith((".bin", ".npy", ".partial")))
-               for n in names)
+    return atomic.is_replaceable(path, _ours)
 
 
 class ShardWriter:
@@ -96,7 +95,7 @@ class ShardWriter:
         self._np_dtype = _DTYPES[self.dtype]
         parent = os.path.dirname(self.out_dir)
         os.makedirs(parent, exist_ok=True)
-        self.tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(self.out_dir) + ".tmp-", dir=parent)
+        self.tmp_dir = atomic.work_dir(self.out_dir)
         self._shards: list[dict] = []
         self._source_tokens = [0] * len(self.sources)
         self._source_docs = [0] * len(self.sources)
@@ -258,12 +257,8 @@ class ShardWriter:
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 **(extra_meta or {}),
             }
-            tmp_meta = os.path.join(self.tmp_dir, META_FILE + ".partial")
-            with open(tmp_meta, "w") as f:
-                json.dump(meta, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_meta, os.path.join(self.tmp_dir, META_FILE))
+            atomic.write_json(os.path.join(self.tmp_dir, META_FILE), meta, indent=1, sort_keys=False,
+                              temp_suffix=".partial")
             self._swap_in()
         except BaseException:
             self.abort()
@@ -272,16 +267,8 @@ class ShardWriter:
         return meta
 
     def _swap_in(self) -> None:
-        if not _is_replaceable(self.out_dir):  # re-check: something may have appeared meanwhile
-            raise UserError(f"output {self.out_dir} exists and is not a shard set; refusing to replace it")
-        old = None
-        if os.path.exists(self.out_dir):
-            old = tempfile.mkdtemp(prefix=os.path.basename(self.out_dir) + ".old-", dir=os.path.dirname(self.out_dir))
-            os.rmdir(old)
-            os.rename(self.out_dir, old)
-        os.rename(self.tmp_dir, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.swap_dir(self.tmp_dir, self.out_dir, _ours,
+                        f"output {self.out_dir} exists and is not a shard set; refusing to replace it")
 
     def abort(self) -> None:
         """Drop everything written so far; a previous set at out_dir is untouched."""

@@ -26,13 +26,12 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megaslm import atomic
 from megaslm.errors import UserError
 
 FORMAT_VERSION = 1
@@ -146,50 +145,31 @@ def is_complete(cache_dir: str | os.PathLike) -> bool:
     return (Path(cache_dir) / META_FILE).is_file()
 
 
+def _ours(name: str) -> bool:
+    return name in (META_FILE, CHUNK_DIR, JOB_FILE)
+
+
 def is_replaceable(path: Path) -> bool:
     """Absent, empty, or a cache (possibly unfinished): anything else is the user's and is left alone."""
-    if not path.exists():
-        return True
-    if not path.is_dir():
-        return False
-    return all(n in (META_FILE, CHUNK_DIR, JOB_FILE) for n in os.listdir(path))
+    return atomic.is_replaceable(path, _ours)
 
 
 def write_json_synced(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, indent=1, temp_suffix=".partial")
 
 
 def write_chunk(path: Path, values: np.ndarray) -> None:
     """Write one chunk so that its final name appears only once it is complete and on disk."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(values.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, values.tobytes(), temp_suffix=".partial")
 
 
 def swap_in(work: Path, out: Path) -> None:
-    if not is_replaceable(out):  # re-check: something may have appeared meanwhile
-        raise UserError(f"reference.cache {out} exists and is not a reference-loss cache; refusing to replace it")
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-        os.rmdir(old)
-        os.rename(out, old)
-    os.rename(work, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
+    atomic.swap_dir(work, out, _ours, f"reference.cache {out} exists and is not a reference-loss cache; refusing to "
+                    "replace it")
 
 
 class CachedReference:
-    """Reference losses read from a cache written by `megaslm score` (format: megaslm/score.py).
+    """Reference losses read from a cache written by `megaslm score` (format: the module docstring above).
 
     Checked at construction, each failure a UserError naming both values: the cache is complete (meta.json), was
     scored at this seq_len, on this token stream (tokenizer, token and document counts, sampled content hash),

@@ -19,7 +19,7 @@ from megaslm.errors import UserError
 from megaslm.model.build import TokenLossModel
 from megaslm.model.describe import describe_module
 from megaslm.reference.base import ModelReference
-from megaslm.train.callbacks import Callback
+from megaslm.callbacks import Callback
 
 
 def check_ema_layout(zero: int, tp_size: int, ds_path: str) -> None:

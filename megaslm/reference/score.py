@@ -26,15 +26,16 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from megaslm.errors import UserError
-from megaslm.reference.cache import (CHUNK_DIR, DEFAULT_STORAGE_DTYPE, JOB_FILE, MAX_CHUNK_TOKENS, META_FILE, MIN_CHUNK_TOKENS,
-                                     cache_meta, STORAGE_DTYPES, is_replaceable, swap_in, write_chunk,
-                                     write_json_synced, chunk_file, chunk_rows, is_complete, model_fingerprint, read_meta,
-                                     shards_identity)
+from megaslm.reference.cache import (CHUNK_DIR, DEFAULT_STORAGE_DTYPE, JOB_FILE, MAX_CHUNK_TOKENS, META_FILE,
+                                     MIN_CHUNK_TOKENS, STORAGE_DTYPES, cache_meta, chunk_file, chunk_rows,
+                                     is_complete, is_replaceable, model_fingerprint, read_meta, shards_identity,
+                                     swap_in, write_chunk, write_json_synced)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -67,38 +68,104 @@ def default_chunk_tokens(num_tokens: int) -> int:
     return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, num_tokens // 1024))
 
 
+@dataclass
+class Job:
+    """What one `megaslm score` scores: the shard set in `chunks` of `C` sequences of `T` tokens, into `out`."""
+    cfg: object
+    ref_path: str
+    out: Path
+    shards: object
+    T: int
+    n_seq: int
+    C: int
+    num_chunks: int
+    storage_dtype: str
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return STORAGE_DTYPES[self.storage_dtype]
+
+    def rows(self, c: int) -> tuple[int, int]:
+        return chunk_rows(c, self.C, self.n_seq)
+
+    def chunk_bytes(self, c: int) -> int:
+        lo, hi = self.rows(c)
+        return (hi - lo) * self.T * self.np_dtype.itemsize
+
+
 def score(cfg, *, chunk_tokens: int | None = None, storage_dtype: str = DEFAULT_STORAGE_DTYPE, force: bool = False) -> int:
     """Score `cfg.data.train` with `cfg.reference.path` into `cfg.reference.cache`; see the module docstring.
-    Call on every rank. Returns the exit code (non-zero only when stopped by a signal and not requeued)."""
-    from megaslm.config import reference_paths
+    Call on every rank. Returns the exit code (non-zero only when stopped by a signal and not requeued).
+    Phases, as a checkpoint's: plan (rank 0 decides what is left), rounds (every rank scores), commit (rank 0
+    checks every chunk, writes meta.json and swaps the cache in)."""
+    job = _job_of_config(cfg, chunk_tokens, storage_dtype)
+    # After the cheap checks: a config error is reported without loading torch, transformers or DeepSpeed.
+    import torch.distributed as dist
 
-    ref = cfg.reference
+    from megaslm.reference.online import OnlineReference, check_reference_tokenizer
+    from megaslm.runtime import start_run
+
+    check_reference_tokenizer(job.ref_path, job.shards.vocab_size, job.shards.fingerprint, cfg.data.train)
+    run = start_run(cfg)  # as training: signals first, so one during model loading stops after the first round
+
+    def say(msg: str) -> None:
+        if run.is_main:
+            print(f"megaslm score: {msg}", flush=True)
+
+    plan = _plan(job, run, force)
+    if plan["done"]:
+        say(f"{cfg.reference.cache} already holds this cache (same shards, seq_len, model and dtypes); nothing to do "
+            "(--force scores again)")
+        return 0
+    if plan["stale"]:
+        say(f"note: other unfinished scoring jobs beside the cache ({', '.join(plan['stale'])}); delete them "
+            "if they are not going to be resumed")
+    if plan["n_done"]:
+        say(f"resuming {plan['work']}: {plan['n_done']} of {job.num_chunks} chunks already scored")
+    g = run.groups
+    reference = OnlineReference(job.ref_path, cfg.reference.placement, dtype=run.dtype,
+                                micro_batch_size=cfg.train.micro_batch_size, dp_size=g.dp_size,
+                                mpu=g if g.tp_size > 1 else None, tp_group=g.tp_group, tp_size=g.tp_size)
+    say(f"scoring {job.shards.path} ({job.n_seq} sequences of {job.T} tokens, {job.num_chunks} chunks of {job.C}) "
+        f"with {job.ref_path} ({reference.placement}, {_dtype_name(run.dtype)}) on {run.world} ranks (dp "
+        f"{g.dp_size} x tp {g.tp_size}), micro-batch {cfg.train.micro_batch_size}, into {cfg.reference.cache}")
+    t0 = time.time()
+    seqs_done = _rounds(job, plan, run, reference, say)
+    if seqs_done is None:
+        return run.preemption.after_checkpoint(run.is_main)
+    dist.barrier()  # every chunk is on disk
+    if run.is_main:
+        _commit(job, plan, run, reference.placement)
+        scored, elapsed = seqs_done * job.T, time.time() - t0
+        say(f"done: {seqs_done} sequences ({scored} tokens) scored in {elapsed:.1f} s "
+            f"({scored / max(elapsed, 1e-9):.0f} tok/s on {run.world} ranks); cache in {cfg.reference.cache}")
+    dist.barrier()
+    return 0
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _job_of_config(cfg, chunk_tokens: int | None, storage_dtype: str) -> Job:
+    """The job, after every check that needs no model: UserError on a bad config or argument."""
+    from megaslm.config import reference_paths
+    from megaslm.data.shards import ShardSet
+
     paths = reference_paths(cfg)
     if len(paths) != 1:
         raise UserError(f"reference.path must name one model for `megaslm score` (the reference model to score "
                         f"with), got {len(paths)}")
-    ref_path = paths[0]
-    if not ref.cache:
+    if not cfg.reference.cache:
         raise UserError("reference.cache is required by `megaslm score` (the output directory)")
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--storage-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise UserError(f"--chunk-tokens must be >= 1, got {chunk_tokens}")
-    out = Path(os.path.realpath(ref.cache))  # a symlink to scratch: build and swap beside its target
+    out = Path(os.path.realpath(cfg.reference.cache))  # a symlink to scratch: build and swap beside its target
     if not is_replaceable(out):
-        raise UserError(f"reference.cache {ref.cache} exists and is not a reference-loss cache; refusing to "
-                        "replace it (choose a new or empty directory)")
-    import torch  # after the cheap checks: a config error is reported without loading torch and transformers
-    import torch.distributed as dist
-
-    from megaslm.data.shards import ShardSet
-    from megaslm.parallel import dist as mdist
-    from megaslm.parallel.groups import ParallelGroups
-    from megaslm.precision import training_dtype
-    from megaslm.reference.online import OnlineReference, check_reference_tokenizer
-    from megaslm.train.faults import maybe_fail
-    from megaslm.train.preempt import Preemption
-
+        raise UserError(f"reference.cache {cfg.reference.cache} exists and is not a reference-loss cache; refusing "
+                        "to replace it (choose a new or empty directory)")
     if not isinstance(cfg.data.train, str):
         raise UserError("data.train is a mixture: score one shard directory at a time (set data.train to it); "
                         "training with a mixture uses an online reference (reference.path)")
@@ -108,147 +175,131 @@ def score(cfg, *, chunk_tokens: int | None = None, storage_dtype: str = DEFAULT_
     if n_seq < 1:
         raise UserError(f"data.train {cfg.data.train} holds {shards.num_tokens} tokens: not one sequence of "
                         f"train.seq_len {T} (+1) to score")
-    check_reference_tokenizer(ref_path, shards.vocab_size, shards.fingerprint, cfg.data.train)
-
-    preemption = Preemption()  # first, so a signal during model loading is honoured after the first round
-    mdist.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    main = rank == 0
-    groups = ParallelGroups(cfg.parallel.tensor)
-    dtype = training_dtype(cfg)
-    device = mdist.device()
     C = max(1, (chunk_tokens or default_chunk_tokens(shards.num_tokens)) // T)
-    num_chunks = math.ceil(n_seq / C)
-    np_dtype = STORAGE_DTYPES[storage_dtype]
+    return Job(cfg, paths[0], out, shards, T, n_seq, C, math.ceil(n_seq / C), storage_dtype)
 
-    def say(msg: str) -> None:
-        if main:
-            print(f"megaslm score: {msg}", flush=True)
 
-    # Rank 0 decides (fingerprints, what is already done) and tells the others: one view of the file system.
+def _plan(job: Job, run, force: bool) -> dict:
+    """Rank 0 decides (fingerprints, what is already done) and tells the others: one view of the file system."""
+    import torch.distributed as dist
+
     plan: list = [None]
-    if main:
-        model_fp = model_fingerprint(ref_path)
-        job = _job(cfg, shards, model_fp, str(dtype).replace("torch.", ""), storage_dtype, C)
-        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+    if run.is_main:
+        model_fp = model_fingerprint(job.ref_path)
+        ident = _job(job.cfg, job.shards, model_fp, _dtype_name(run.dtype), job.storage_dtype, job.C)
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        out = job.out
         work = out.parent / f"{out.name}.tmp-{key}"
         if not force and is_complete(out):
             try:
-                same = _job_of_meta(read_meta(out)) == job
+                same = _job_of_meta(read_meta(out)) == ident
             except UserError:
                 same = False
             if same:
                 plan[0] = {"done": True}
         if plan[0] is None:
             (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-            write_json_synced(work / JOB_FILE, job)
-            done = set()
-            for f in (work / CHUNK_DIR).iterdir():
-                if f.name.endswith(".partial"):
-                    f.unlink()  # a chunk that was being written when the job died
-                    continue
-                if not (f.suffix == ".bin" and f.stem.isdigit()):
-                    continue
-                c = int(f.stem)
-                lo, hi = chunk_rows(c, C, n_seq)
-                if c < num_chunks and f.stat().st_size == (hi - lo) * T * np_dtype.itemsize:
-                    done.add(c)
+            write_json_synced(work / JOB_FILE, ident)
+            done = _chunks_on_disk(job, work)
             stale = [x.name for x in out.parent.iterdir() if x.name.startswith(out.name + ".tmp-") and x != work]
-            plan[0] = {"done": False, "work": str(work), "todo": [c for c in range(num_chunks) if c not in done],
+            plan[0] = {"done": False, "work": str(work), "todo": [c for c in range(job.num_chunks) if c not in done],
                        "model_fp": model_fp, "n_done": len(done), "stale": stale}
     dist.broadcast_object_list(plan, src=0)
-    plan = plan[0]
-    if plan["done"]:
-        say(f"{ref.cache} already holds this cache (same shards, seq_len, model and dtypes); nothing to do "
-            "(--force scores again)")
-        return 0
-    work, todo = Path(plan["work"]), plan["todo"]
-    if plan["stale"]:
-        say(f"note: other unfinished scoring jobs beside the cache ({', '.join(plan['stale'])}); delete them "
-            "if they are not going to be resumed")
-    if plan["n_done"]:
-        say(f"resuming {work}: {plan['n_done']} of {num_chunks} chunks already scored")
+    return plan[0]
 
-    mpu = groups if groups.tp_size > 1 else None
-    reference = OnlineReference(ref_path, ref.placement, dtype=dtype, micro_batch_size=cfg.train.micro_batch_size,
-                                dp_size=groups.dp_size, mpu=mpu, tp_group=groups.tp_group, tp_size=groups.tp_size)
-    B, W, me = cfg.train.micro_batch_size, groups.dp_size, groups.dp_rank
-    say(f"scoring {shards.path} ({n_seq} sequences of {T} tokens, {num_chunks} chunks of {C}) with {ref_path} "
-        f"({reference.placement}, {str(dtype).replace('torch.', '')}) on {world} ranks (dp {W} x tp "
-        f"{groups.tp_size}), micro-batch {B}, into {ref.cache}")
 
-    def forward(lo: int, hi: int) -> np.ndarray:
-        flat = torch.from_numpy(shards.read(lo * T, hi * T + 1).astype(np.int64))
-        input_ids = flat[:-1].view(hi - lo, T).to(device)
-        labels = flat[1:].view(hi - lo, T).to(device)
-        return reference.losses(input_ids, labels).cpu().numpy()
+def _chunks_on_disk(job: Job, work: Path) -> set[int]:
+    """The chunks a previous run of this job finished (a chunk being written when it died is removed)."""
+    done = set()
+    for f in (work / CHUNK_DIR).iterdir():
+        if f.name.endswith(".partial"):
+            f.unlink()
+            continue
+        if not (f.suffix == ".bin" and f.stem.isdigit()):
+            continue
+        c = int(f.stem)
+        if c < job.num_chunks and f.stat().st_size == job.chunk_bytes(c):
+            done.add(c)
+    return done
 
-    pad_ids = torch.full((1, T), shards.eos_id, dtype=torch.long, device=device)
-    pad_labels = torch.full((1, T), -100, dtype=torch.long, device=device)
+
+def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
+    """Every rank scores one chunk per round; the sequences scored, or None when a stop signal ended it early."""
+    import torch
+    import torch.distributed as dist
+
+    from megaslm.faults import maybe_fail
+
+    work, todo, W = Path(plan["work"]), plan["todo"], run.groups.dp_size
     t0, seqs_done, last_print = time.time(), 0, 0.0
     rounds = math.ceil(len(todo) / W)
     for k in range(rounds):
         batch = todo[k * W:(k + 1) * W]
-        sizes = [chunk_rows(c, C, n_seq)[1] - chunk_rows(c, C, n_seq)[0] for c in batch]
-        # Every rank runs the same number of forwards: a ZeRO-3 reference gathers its weights collectively.
-        n_micro = math.ceil(max(sizes) / B)
-        mine = batch[me] if me < len(batch) else None
+        sizes = [job.rows(c)[1] - job.rows(c)[0] for c in batch]
+        mine = batch[run.groups.dp_rank] if run.groups.dp_rank < len(batch) else None
         with torch.no_grad():
-            if mine is None:
-                for _ in range(n_micro):
-                    reference.losses(pad_ids, pad_labels)
-            else:
-                lo, hi = chunk_rows(mine, C, n_seq)
-                values = np.empty((hi - lo, T), np_dtype)
-                for m in range(n_micro):
-                    a, b = lo + m * B, min(hi, lo + (m + 1) * B)
-                    if a >= hi:
-                        reference.losses(pad_ids, pad_labels)
-                        continue
-                    v = forward(a, b)
-                    if not np.isfinite(v).all():
-                        bad = a + int(np.argwhere(~np.isfinite(v))[0][0])
-                        raise UserError(f"reference model {ref_path} gave a non-finite loss on sequence {bad} of "
-                                        f"{shards.path} (tokens {bad * T}..{bad * T + T}); try model.dtype=fp32")
-                    values[a - lo:b - lo] = v
-                if groups.tp_rank == 0:
-                    write_chunk(chunk_file(work, mine), values)
-                maybe_fail("crash_in_score", mine)
+            values = _score_chunk(job, mine, math.ceil(max(sizes) / job.cfg.train.micro_batch_size), run, reference)
+        if mine is not None:
+            if run.groups.tp_rank == 0:
+                write_chunk(chunk_file(work, mine), values)
+            maybe_fail("crash_in_score", mine)
         seqs_done += sum(sizes)
-        stop = torch.tensor([1.0 if preemption.requested() else 0.0], device=device)
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        now = time.time()
-        if main and (now - last_print >= 10 or k == rounds - 1 or stop.item() > 0):
+        stop = torch.tensor([1.0 if run.preemption.requested() else 0.0], device=run.device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # sync point: every rank stops after the same round
+        now, finished = time.time(), plan["n_done"] + min(len(todo), (k + 1) * W)
+        if run.is_main and (now - last_print >= 10 or k == rounds - 1 or stop.item() > 0):
             last_print = now
             dt = max(now - t0, 1e-9)
             left = (len(todo) - (k + 1) * W) / max(1, (k + 1) * W) * dt if k < rounds - 1 else 0.0
-            say(f"{plan['n_done'] + min(len(todo), (k + 1) * W)}/{num_chunks} chunks | {seqs_done / dt:.1f} seq/s | "
-                f"{seqs_done * T / dt:.0f} tok/s | elapsed {_fmt_time(dt)} | eta {_fmt_time(left)}")
+            say(f"{finished}/{job.num_chunks} chunks | {seqs_done / dt:.1f} seq/s | {seqs_done * job.T / dt:.0f} "
+                f"tok/s | elapsed {_fmt_time(dt)} | eta {_fmt_time(left)}")
         if stop.item() > 0:
-            say(f"stop signal: {plan['n_done'] + min(len(todo), (k + 1) * W)} of {num_chunks} chunks are in {work}; "
-                "run the same command again to finish")
-            return preemption.after_checkpoint(main)
+            say(f"stop signal: {finished} of {job.num_chunks} chunks are in {work}; run the same command again to "
+                "finish")
+            return None
+    return seqs_done
 
-    dist.barrier()  # every chunk is on disk
-    elapsed = time.time() - t0
-    if main:
-        for c in range(num_chunks):
-            lo, hi = chunk_rows(c, C, n_seq)
-            f = chunk_file(work, c)
-            if not f.is_file() or f.stat().st_size != (hi - lo) * T * np_dtype.itemsize:
-                raise RuntimeError(f"chunk {f} is missing or has the wrong size after scoring")
-        meta = cache_meta(seq_len=T, num_sequences=n_seq, chunk_sequences=C, storage_dtype=storage_dtype,
-                          compute_dtype=str(dtype).replace("torch.", ""), shards=shards, world_size=world,
-                          reference={"path": os.path.abspath(ref_path), "fingerprint": plan["model_fp"],
-                                     "placement": reference.placement})
-        (work / JOB_FILE).unlink(missing_ok=True)
-        write_json_synced(work / META_FILE, meta)
-        swap_in(work, out)
-        scored = seqs_done * T
-        say(f"done: {seqs_done} sequences ({scored} tokens) scored in {elapsed:.1f} s "
-            f"({scored / max(elapsed, 1e-9):.0f} tok/s on {world} ranks); cache in {ref.cache}")
-    dist.barrier()
-    return 0
+
+def _score_chunk(job: Job, chunk: int | None, n_micro: int, run, reference) -> np.ndarray | None:
+    """The losses of `chunk` ([rows, T]), in `n_micro` forwards: every rank runs as many as the largest chunk of
+    the round needs (a ZeRO-3 reference gathers its weights collectively), padding with an ignored batch."""
+    import torch
+
+    T, B = job.T, job.cfg.train.micro_batch_size
+    pad_ids = torch.full((1, T), job.shards.eos_id, dtype=torch.long, device=run.device)
+    pad_labels = torch.full((1, T), -100, dtype=torch.long, device=run.device)
+    lo, hi = job.rows(chunk) if chunk is not None else (0, 0)
+    values = np.empty((hi - lo, T), job.np_dtype) if chunk is not None else None
+    for m in range(n_micro):
+        a, b = lo + m * B, min(hi, lo + (m + 1) * B)
+        if a >= hi:
+            reference.losses(pad_ids, pad_labels)
+            continue
+        flat = torch.from_numpy(job.shards.read(a * T, b * T + 1).astype(np.int64))
+        v = reference.losses(flat[:-1].view(b - a, T).to(run.device),
+                             flat[1:].view(b - a, T).to(run.device)).cpu().numpy()
+        if not np.isfinite(v).all():
+            bad = a + int(np.argwhere(~np.isfinite(v))[0][0])
+            raise UserError(f"reference model {job.ref_path} gave a non-finite loss on sequence {bad} of "
+                            f"{job.shards.path} (tokens {bad * T}..{bad * T + T}); try model.dtype=fp32")
+        values[a - lo:b - lo] = v
+    return values
+
+
+def _commit(job: Job, plan: dict, run, placement: str) -> None:
+    """Rank 0, once every chunk is on disk: check them all, write meta.json last, swap the cache in."""
+    work = Path(plan["work"])
+    for c in range(job.num_chunks):
+        f = chunk_file(work, c)
+        if not f.is_file() or f.stat().st_size != job.chunk_bytes(c):
+            raise RuntimeError(f"chunk {f} is missing or has the wrong size after scoring")
+    meta = cache_meta(seq_len=job.T, num_sequences=job.n_seq, chunk_sequences=job.C, storage_dtype=job.storage_dtype,
+                      compute_dtype=_dtype_name(run.dtype), shards=job.shards, world_size=run.world,
+                      reference={"path": os.path.abspath(job.ref_path), "fingerprint": plan["model_fp"],
+                                 "placement": placement})
+    (work / JOB_FILE).unlink(missing_ok=True)
+    write_json_synced(work / META_FILE, meta)
+    swap_in(work, job.out)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -285,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m megaslm.score CONFIG ...`: the same as `megaslm score CONFIG ...`."""
+    """`python -m megaslm.reference.score CONFIG ...`: the same as `megaslm score CONFIG ...`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "DS_ACCELERATOR" not in os.environ:
         import torch

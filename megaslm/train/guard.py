@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from megaslm.train.callbacks import Callback
+from megaslm.callbacks import Callback
 from megaslm.train.halt import halt
 
 
@@ -57,6 +57,9 @@ class SkipGuard(Callback):
 
     def pre_step(self, trainer) -> None:
         self._micro, self._reason, self._decided = [], None, False
+
+    def pre_optimizer(self, trainer, stats: dict) -> None:
+        self.observe(stats)  # before the boundary step(), which applies or skips the update
 
     def observe(self, stats: dict) -> None:
         """The objective's metrics of one micro-step (identical on every data-parallel rank)."""

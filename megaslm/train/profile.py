@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from megaslm.atomic import write_text
-from megaslm.train.callbacks import Callback
+from megaslm.callbacks import Callback
 
 TOP_OPS = 15
 
