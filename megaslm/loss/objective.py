@@ -49,7 +49,7 @@ class _Every(Weighting):
 class StepNorm:
     """How the micro-steps of one optimizer step are normalised; identical on every rank."""
     micro_steps: int
-    n_valid: float  # labelled tokens of the whole step, all ranks
+    n_valid: float  # labelled tokens of the whole step, all ranks (a 0-dim device tensor for one micro-step)
     mass: float | None  # sum of the weights of the whole step, all ranks (None: not known before the forwards)
 
 
@@ -113,17 +113,17 @@ class Objective:
 
         sums = _global_sums(token_loss, ref_loss if self.needs_reference else None, valid, w,
                             self.weighting.sums(w, valid), source, num_sources, group, stop_requested)
-        w_micro, n_micro = sums["w"], sums["n_valid"]
+        w_micro, n_micro = sums["w"], sums["n_valid"]  # float64 on the device: no host sync per micro-step
         if step is None:
             step = StepNorm(1, n_micro, w_micro if self.weighting.mass_known else None)
         # DeepSpeed divides by grad_accum and averages over the dp ranks: undo both, then divide by the step's mass.
         scale = dp_size * step.micro_steps
         if step.mass is not None:
-            loss = weighted_sum * (scale / step.mass) if step.mass > 0 else weighted_sum * 0.0
-        elif w_micro > 0 and step.n_valid > 0:
-            loss = weighted_sum * (scale * n_micro / (w_micro * step.n_valid))
+            factor = _ratio(scale, step.mass)
         else:
-            loss = weighted_sum * 0.0
+            factor = _ratio(scale * n_micro, w_micro * step.n_valid)
+        # A float64 factor taken to float32 multiplies as the same Python float would: the same bits as on the host.
+        loss = weighted_sum * (factor.float() if isinstance(factor, torch.Tensor) else factor)
         return loss, objective_metrics(sums, w, self, group, num_sources)
 
     def _check(self, token_loss, ref_loss, head, valid, source, ratio) -> None:
@@ -202,8 +202,16 @@ def compute_objective(token_loss, ref_loss, valid, *, objective: str | Objective
     if not isinstance(objective, Objective):
         objective = Objective(objective, weighting=weighting, score=score, scope=scope,
                               slm=_Options(temperature))
-    return objective(token_loss, valid, ratio=ratio, ref_loss=ref_loss, head=head, dp_group=dp_group, step=step,
-                     source=source, num_sources=num_sources, stop_requested=stop_requested)
+    loss, metrics = objective(token_loss, valid, ratio=ratio, ref_loss=ref_loss, head=head, dp_group=dp_group,
+                              step=step, source=source, num_sources=num_sources, stop_requested=stop_requested)
+    return loss, metrics.resolved()
+
+
+def _ratio(num, den):
+    """num / den where den > 0, else 0 (host numbers, or 0-dim device tensors)."""
+    if isinstance(num, torch.Tensor) or isinstance(den, torch.Tensor):
+        return torch.where(torch.as_tensor(den) > 0, num / den, 0.0)
+    return num / den if den > 0 else 0.0
 
 
 @dataclass
@@ -236,8 +244,7 @@ def _global_sums(token_loss, ref_loss, valid, w, extra, source, num_sources, gro
         src_sel = torch.bincount(src[sel], minlength=num_sources + 1)[:num_sources]
         vec = torch.cat([vec, src_valid.double(), src_sel.double()])
     if group is not None:
-        dist.all_reduce(vec, group=group)  # sync point: normaliser and metrics are global
-    values = vec.tolist()  # sync point: the normaliser is a Python float
-    sums = dict(zip(layout, values))
-    sums["_sources"] = values[len(layout):]
+        dist.all_reduce(vec, group=group)  # normaliser and metrics are global (stays on the device: no host sync)
+    sums = dict(zip(layout, vec.unbind()))
+    sums["_sources"] = vec[len(layout):]
     return sums

@@ -40,10 +40,15 @@ class Score:
     name: ClassVar[str]
     needs_reference: ClassVar[bool] = False
     head_outputs: ClassVar[tuple[str, ...]] = ()
+    missing_reference: ClassVar[tuple[str, str]] = ("reference.path", "is required")  # (key, message)
 
     @classmethod
     def validate(cls, cfg, bad) -> None:
-        """Config checks of this score (cfg: the whole Config; bad(key, msg) -> UserError)."""
+        """Config checks of this score (cfg: the whole Config; bad(key, msg) -> UserError). By default: a score
+        that reads a reference needs one (reference.path, .cache or .ema_decay) under objective slm."""
+        r = cfg.reference
+        if cls.needs_reference and cfg.objective == "slm" and not (r.path or r.cache or r.ema_decay is not None):
+            raise bad(*cls.missing_reference)
 
     def __call__(self, token_loss: torch.Tensor, ref_loss: torch.Tensor | None, head: dict) -> torch.Tensor:
         raise NotImplementedError

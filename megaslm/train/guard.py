@@ -34,6 +34,7 @@ import math
 import torch
 
 from megaslm.callbacks import Callback
+from megaslm.loss.metrics import Metrics
 from megaslm.train.halt import halt
 
 
@@ -47,7 +48,7 @@ class SkipGuard(Callback):
         self.window: list[float] = []  # losses of the latest steps, oldest first
         self.skipped = 0  # steps skipped so far in the run
         self.consecutive = 0
-        self._micro: list[tuple[float | None, float]] = []  # (loss, tokens) of this step's micro-steps
+        self._micro: list[dict] = []  # the objective's metrics of this step's micro-steps
         self._reason: str | None = None
         self._decided = False
 
@@ -62,9 +63,9 @@ class SkipGuard(Callback):
         self.observe(stats)  # before the boundary step(), which applies or skips the update
 
     def observe(self, stats: dict) -> None:
-        """The objective's metrics of one micro-step (identical on every data-parallel rank)."""
-        tokens = stats.get("n_selected", stats.get("n_valid", 1.0))
-        self._micro.append((stats.get("loss"), float(tokens)))
+        """The objective's metrics of one micro-step (identical on every data-parallel rank); a Metrics may still
+        hold device tensors: they are read once, when the step is judged."""
+        self._micro.append(stats)
 
     def post_step(self, trainer, rec: dict) -> None:
         skipped = self._decided and self._reason is not None
@@ -93,7 +94,9 @@ class SkipGuard(Callback):
     # -- the decision
     def step_loss(self) -> float | None:
         """Token-weighted mean loss of the step's micro-steps (None if none had tokens to average)."""
-        parts = [(loss, n) for loss, n in self._micro if loss is not None and n > 0]
+        Metrics.resolve_all(self._micro)  # one host transfer for all micro-steps of the step
+        micro = [(st.get("loss"), float(st.get("n_selected", st.get("n_valid", 1.0)))) for st in self._micro]
+        parts = [(loss, n) for loss, n in micro if loss is not None and n > 0]
         total = sum(n for _, n in parts)
         return sum(loss * n for loss, n in parts) / total if total else None
 

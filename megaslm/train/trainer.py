@@ -177,6 +177,7 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.time() - t0
         self.step += 1
+        Metrics.resolve_all(per_micro)  # sync point: the step's figures, once (the skip guard may have read them)
         rec = dict(Metrics.combine(per_micro))
         if self.cfg.objective == "slm":
             rec["slm_ratio"] = ratio

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from megaslm.loss.metrics import present
 from megaslm.loss.selection import num_to_keep, select_with_quantiles
 from megaslm.loss.weights import (EXCESS_QUANTILES, Score, Weighting, Weights, register_score,
                                   register_weighting)
@@ -80,21 +81,16 @@ class Soft(Weighting):
 
     def metrics(self, m, sums):
         m.ratio("effective_frac", sums["w"], sums["n_valid"])
-        if sums["w"] > 0:  # entropy of p = w / W: log W - sum(w log w) / W
-            m.mean("weight_entropy", math.log(sums["w"]) - sums["wlogw"] / sums["w"])
+        W = sums["w"]  # entropy of p = w / W: log W - sum(w log w) / W, where W > 0
+        m.mean("weight_entropy", *present(W > 0, torch.log(W) - sums["wlogw"] / W))
 
 
 @register_score
 class Excess(Score):
     name = "excess"
     needs_reference = True
-
-    @classmethod
-    def validate(cls, cfg, bad) -> None:
-        r = cfg.reference
-        if cfg.objective == "slm" and not (r.path or r.cache or r.ema_decay is not None):
-            raise bad("reference.path", f"is required when objective is slm with slm.score {cls.name} (or "
-                      "reference.cache or reference.ema_decay)")
+    missing_reference = ("reference.path", "is required when objective is slm with slm.score excess (or "
+                         "reference.cache or reference.ema_decay)")
 
     def __call__(self, token_loss, ref_loss, head):
         return token_loss - ref_loss

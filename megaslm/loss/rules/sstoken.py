@@ -19,13 +19,8 @@ from megaslm.loss.weights import Score, register_score
 class Retrospective(Score):
     name = "retrospective"
     needs_reference = True
-
-    @classmethod
-    def validate(cls, cfg, bad) -> None:
-        r = cfg.reference
-        if cfg.objective == "slm" and not (r.path or r.cache or r.ema_decay is not None):
-            raise bad("reference.ema_decay", "or reference.path is required with slm.score retrospective (the "
-                      "history model: an average of the trained model, or a fixed model such as the base model)")
+    missing_reference = ("reference.ema_decay", "or reference.path is required with slm.score retrospective (the "
+                         "history model: an average of the trained model, or a fixed model such as the base model)")
 
     def __call__(self, token_loss, ref_loss, head):
         return ref_loss - token_loss

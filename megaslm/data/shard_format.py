@@ -1,0 +1,34 @@
+"""Names and constants of the shard-set format (documented in megaslm/data/shards.py), shared by the writer
+(shard_writer.py) and the reader (shards.py)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from megaslm import atomic
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+META_FILE = "meta.json"
+_TOKENS = "tokens_{:05d}.bin"
+_MASK = "mask_{:05d}.bin"
+_DOCS = "docs_{:05d}.npy"
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """Storage dtype name for a vocabulary size."""
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+def _ours(name: str) -> bool:
+    return name == META_FILE or (name.startswith(("tokens_", "docs_", "mask_"))
+                                 and name.endswith((".bin", ".npy", ".partial")))
+
+
+def _is_replaceable(path: str) -> bool:
+    """True if `path` may be replaced by a new shard set: absent, empty, or itself a shard set (or the
+    remains of one). Anything else is the user's directory and is left alone."""
+    return atomic.is_replaceable(path, _ours)
