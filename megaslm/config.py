@@ -10,15 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from megaslm.atomic import write_text
 from megaslm.errors import UserError
+from megaslm.typed_config import _apply_override, _build  # the typed loading of the dataclasses below
 
 CHECKPOINT_TAG_RE = re.compile(r"step_\d{8}")  # the directory name of a checkpoint (megaslm/train/checkpoint.py)
 
@@ -158,99 +157,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
-    """Check/convert one value against its annotated type; errors name the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        shaped = [a for a in inner if isinstance(value, (list, dict)) and typing.get_origin(a) is type(value)]
-        return _coerce(value, (shaped or inner)[0], key, src)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, src)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{src}: {key} must be a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}", src) for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list):
-            raise UserError(f"{src}: {key} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]", src) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{src}: {key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{src}: {key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{src}: {key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise UserError(f"{src}: {key} must be a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported config type {tp} for {key}")
-
-
-def _build(cls: type, data: Any, prefix: str, src: str) -> Any:
-    if not isinstance(data, dict):
-        raise UserError(f"{src}: {prefix or 'the config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            path = f"{prefix}.{k}" if prefix else str(k)
-            raise UserError(f"{src}: unknown config key '{path}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name] if data[f.name] is not None else {}, key, src)
-        else:
-            kwargs[f.name] = _coerce(data[f.name], tp, key, src)
-    return cls(**kwargs)
-
-
-def _apply_override(data: dict, item: str) -> None:
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected section.key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise UserError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise UserError(f"--set {item!r}: '{p}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def validate(cfg: Config, src: str = "config") -> Config:
     def bad(key: str, msg: str) -> UserError:
         return UserError(f"{src}: {key} {msg}")
@@ -287,12 +193,15 @@ def validate(cfg: Config, src: str = "config") -> Config:
         raise bad("train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
     if cfg.data.valid_sequences < 1:
         raise bad("data.valid_sequences", f"must be >= 1, got {cfg.data.valid_sequences}")
-    if cfg.objective not in ("clm", "slm"):
-        raise bad("objective", f"must be clm or slm, got {cfg.objective!r}")
+    from megaslm.loss.objective import OBJECTIVES
+    from megaslm.loss.selection import SCOPES
+
+    if cfg.objective not in OBJECTIVES:
+        raise bad("objective", f"must be {_choice(OBJECTIVES)}, got {cfg.objective!r}")
     if not 0 < cfg.slm.ratio <= 1:
         raise bad("slm.ratio", f"must be in (0, 1], got {cfg.slm.ratio}")
-    if cfg.slm.scope not in ("sequence", "rank", "global"):
-        raise bad("slm.scope", f"must be sequence, rank or global, got {cfg.slm.scope!r}")
+    if cfg.slm.scope not in SCOPES:
+        raise bad("slm.scope", f"must be {_choice(SCOPES)}, got {cfg.slm.scope!r}")
     if cfg.reference.placement not in ("auto", "replicated", "zero3", "zero3_offload"):
         raise bad("reference.placement",
                   f"must be auto, replicated, zero3 or zero3_offload, got {cfg.reference.placement!r}")
@@ -311,6 +220,10 @@ def validate(cfg: Config, src: str = "config") -> Config:
     if not cfg.loss_head.keep_logits_mib >= 0:
         raise bad("loss_head.keep_logits_mib", f"must be >= 0 (0: always recompute), got {cfg.loss_head.keep_logits_mib}")
     return cfg
+
+
+def _choice(names) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def reference_paths(cfg: Config) -> list[str]:
