@@ -136,3 +136,25 @@ def test_cvar_at_ratio_one_is_clm():
     cvar, _ = compute_objective(token_loss, None, valid, objective="slm", ratio=1.0, weighting="cvar",
                                 score="entropy", head={"entropy": entropy})
     torch.testing.assert_close(cvar, clm)
+
+
+def test_the_loss_head_returns_the_entropy_it_is_asked_for():
+    """TokenLossModel(head_outputs=("entropy",)): what the trainer passes through the engine for this score."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megaslm.loss import Objective
+    from megaslm.model.build import TokenLossModel
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    model = TokenLossModel(lm, vocab_block=16)
+    ids = torch.randint(0, 97, (2, 12))
+    labels = torch.randint(0, 97, (2, 12))
+    obj = Objective("slm", score="entropy", weighting="cvar")
+    assert obj.head_outputs == ("entropy",) and not obj.needs_reference
+    loss, head = model(ids, labels, head_outputs=obj.head_outputs)
+    logits = lm(input_ids=ids).logits.float()
+    want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(head["entropy"], want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, model(ids, labels), rtol=0, atol=0)
