@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megaslm.config import Config, load_config, reference_paths
+from megaslm.config import Config, load_config
 from megaslm.errors import UserError
 from megaslm.model.describe import ModelDescription, describe, dtype_bytes
 
