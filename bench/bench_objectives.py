@@ -119,6 +119,9 @@ def variants(ref_a: str, ref_b: str, steps: int) -> dict[str, dict]:
         # ssToken (arXiv 2510.18250): retrospective excess loss, history = an EMA of the trained model.
         "retro_ema_0.95": {"objective": "slm", "slm": {"ratio": 0.6, "score": "retrospective"},
                            "reference": {"ema_decay": 0.95}},
+        # ... and history = the initial model, fixed (continual: the base before this training, the paper's main form).
+        "retro_init": {"objective": "slm", "slm": {"ratio": 0.6, "score": "retrospective"},
+                       "reference": {"ema_decay": 1.0}},
     }
 
 
