@@ -200,19 +200,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = corpora(out, a.corpus_from)
     r = Runner(out, data, a.steps, a.eval_every)
+    # The trained references are needed only by the variants that name them (reference.path).
+    refs = only is None or any("path" in variants("a", "b", a.steps)[v].get("reference", {}) for v in only)
+
+    def reference(name: str, seed: int, init: str | None = None) -> str | None:
+        if not refs:
+            return None
+        r.train(name, data["clean"], a.ref_steps, seed=seed, init=init)
+        return r.export(name)
+
     all_curves = {}
     if "scratch" in a.settings:
-        r.train("scratch_ref_a", data["clean"], a.ref_steps, seed=100)
-        r.train("scratch_ref_b", data["clean"], a.ref_steps, seed=101)
-        all_curves["scratch"] = setting(r, "scratch", data["noisy"], r.export("scratch_ref_a"),
-                                        r.export("scratch_ref_b"), a.seeds, None, only)
+        ref_a, ref_b = reference("scratch_ref_a", 100), reference("scratch_ref_b", 101)
+        all_curves["scratch"] = setting(r, "scratch", data["noisy"], ref_a, ref_b, a.seeds, None, only)
     if "continual" in a.settings:
         r.train("cont_base", data["noisy"], a.base_steps, seed=200)
         base = r.export("cont_base")
-        r.train("cont_ref_a", data["clean"], a.ref_steps, seed=201, init=base)
-        r.train("cont_ref_b", data["clean"], a.ref_steps, seed=202, init=base)
-        all_curves["continual"] = setting(r, "cont", data["noisy"], r.export("cont_ref_a"), r.export("cont_ref_b"),
-                                          a.seeds, base, only)
+        ref_a, ref_b = reference("cont_ref_a", 201, base), reference("cont_ref_b", 202, base)
+        all_curves["continual"] = setting(r, "cont", data["noisy"], ref_a, ref_b, a.seeds, base, only)
     summary = {label: summarize(c) for label, c in all_curves.items()}
     plot(all_curves, out / "bench_objectives.png")
     lines = ["# bench_objectives", "", f"{a.seeds} seed(s); {a.steps} steps per variant (seq 64 x 8 sequences, "
