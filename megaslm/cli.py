@@ -54,6 +54,7 @@ def cmd_train(a) -> int:
     lease = acquire_for_launch(run_dir / LEASE_FILE, f"run directory {run_dir}", force=a.force or cfg.run.take_over,
                                stale_after_s=cfg.run.lease_stale_after_s)
     try:
+        set_accelerator()
         check_config(cfg)  # before any engine: refuse what cannot run (release() then removes the new run dir)
         from megaslm.train.trainer import main_entry
 
@@ -179,7 +180,23 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def set_accelerator() -> None:
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed warns on every import that it found no GPU
+
+
+def _command(argv: list[str] | None) -> str | None:
+    """The subcommand named on the command line (None if none or unclear): the parser then imports only its own
+    module, so that `megaslm train` reaches its lease check without loading the model code of `score` and `plan`."""
+    if argv is None:  # a caller that builds the whole parser
+        return None
+    words = [x for x in argv if not x.startswith("-")]
+    known = ("tokenizer", "prepare", "train", "export", "submit", "score", "analyze", "report", "plan", "demo")
+    return words[0] if words and words[0] in known else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    command = _command(argv)
     ap = argparse.ArgumentParser(prog="megaslm", description="Pretraining with Selective Language Modeling "
                                  "(Rho-1) on DeepSpeed ZeRO.")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -235,9 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("score", help="score the training shards with the reference model into reference.cache "
                         "(Rho-1 step 2, optional: SLM can also run the reference online)")
-    from megaslm.reference import score
+    if command in (None, "score"):
+        from megaslm.reference import score
 
-    score.add_arguments(sc)
+        score.add_arguments(sc)
     sc.set_defaults(func=cmd_score)
 
     _add_analyze(sub)
@@ -247,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plan", help="memory per device, FLOPs, time and GPU-hours of a config, without running it")
-    from megaslm import plan
+    if command in (None, "plan"):
+        from megaslm import plan
 
-    plan.add_arguments(pl)
+        plan.add_arguments(pl)
     pl.set_defaults(func=cmd_plan)
 
     de = sub.add_parser("demo", help="the Rho-1 experiment on CPU with text that ships on this machine")
@@ -262,10 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
-        os.environ["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed warns on every import that it found no GPU
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
+        if args.func is not cmd_train:  # train does it after its lease check (importing torch takes seconds)
+            set_accelerator()
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
