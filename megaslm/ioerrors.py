@@ -33,4 +33,5 @@ def io_errors_as_user_errors(command: str, out: str, kept: str):
             raise
         path = e.filename or out
         other = f" -> {e.filename2}" if e.filename2 else ""
-        raise UserError(f"{command}: {path}{other}: {describe(e)} (output {out}; {kept})") from None
+        where = f" (writing {out})" if str(path) != str(out) else ""
+        raise UserError(f"{command}: {path}{other}: {describe(e)}{where}; {kept}") from None

@@ -132,8 +132,10 @@ def check_data(cfg: Config, src: str) -> None:
     vocab = cfg.model.vocab_size or first.vocab_size
     for key, s in sets.items():
         if s.vocab_size != vocab:
-            raise UserError(f"{key} {s.path} was tokenized with vocab_size {s.vocab_size} but model.vocab_size is "
-                            f"{vocab} ({key} in {src})")
+            other = (f"model.vocab_size is {vocab}" if cfg.model.vocab_size else
+                     f"{first_key} {first.path} has vocab_size {vocab}")
+            raise UserError(f"{key} {s.path} was tokenized with vocab_size {s.vocab_size} but {other}: every shard "
+                            f"set of a run must share one tokenizer ({key} in {src})")
         if s.fingerprint != first.fingerprint:
             raise UserError(f"{key} {s.path} was tokenized by another tokenizer (sha256 {s.fingerprint[:12]}..) than "
                             f"{first_key} {first.path} (sha256 {first.fingerprint[:12]}..): every shard set of a run "
