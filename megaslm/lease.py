@@ -267,10 +267,10 @@ def warn_if_live(run_dir: Path | str, doing: str) -> None:
 
 def acquire_for_launch(path: Path | str, what: str, *, force: bool, stale_after_s: float) -> Lease | None:
     """Called by every rank of a launch before anything is written: rank 0 takes the lease and starts its
-    heartbeat; the other ranks return None. A refusal reaches every rank: rank 0 raises LeaseHeld (the CLI prints
-    it as the one error line) and, in a multi-process launch, the others learn it from a broadcast over the
-    process group (which the run would create next anyway) and exit quietly with status 2, instead of waiting
-    for a rendezvous that would never come."""
+    heartbeat; the other ranks return None. A refusal reaches every rank: rank 0 prints the one error line at once
+    and exits 2 (SystemExit) and, in a multi-process launch, the others learn it from a broadcast over the
+    process group (which the run would create next anyway) and exit quietly (status 0, before rank 0, which
+    exits 2), instead of waiting for a rendezvous that would never come."""
     env = os.environ  # the launcher's rank, read without importing torch: a refusal comes in about a second
     rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
     world = int(env.get("WORLD_SIZE") or (env.get("SLURM_NTASKS") if "RANK" not in env else None) or 1)
@@ -291,6 +291,13 @@ def acquire_for_launch(path: Path | str, what: str, *, force: bool, stale_after_
         box = [str(refusal) if refusal else None]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
+            dist.barrier()  # every rank has the verdict before any leaves
+            if rank != 0:
+                # Quietly and first, as the other ranks do after a preemption checkpoint: rank 0 reports (exit 2).
+                # Leaving after rank 0 would have `srun --kill-on-bad-exit` kill us, and report that instead.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
             dist.destroy_process_group()
             raise SystemExit(2)
     elif refusal is not None:
