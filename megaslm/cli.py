@@ -100,7 +100,8 @@ def cmd_score(a) -> int:
     lease = None
     if cache:  # two scorers of one cache would share its work directory: one at a time
         lease = acquire_for_launch(f"{cache.rstrip('/')}.lease.json", f"reference.cache {cache}",
-                                   force=cfg.run.take_over, stale_after_s=cfg.run.lease_stale_after_s)
+                                   force=cfg.run.take_over, stale_after_s=cfg.run.lease_stale_after_s,
+                                   force_hint="--set run.take_over=true")  # score's --force means "score again"
     try:
         with io_errors_as_user_errors("score", cache or "reference.cache",
                                       "the cache there, if any, is unchanged; a re-run resumes the chunks written"):

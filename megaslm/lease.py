@@ -113,9 +113,10 @@ class Lease:
     """The lease file `path` for `what` (a phrase naming the directory, for messages)."""
 
     def __init__(self, path: Path | str, what: str, *, stale_after_s: float = DEFAULT_STALE_AFTER_S,
-                 heartbeat_s: float | None = None):
+                 heartbeat_s: float | None = None, force_hint: str = "--force (or --set run.take_over=true)"):
         self.path = Path(path)
         self.what = what
+        self.force_hint = force_hint
         self.stale_after_s = float(stale_after_s)
         self.heartbeat_s = heartbeat_s or self.stale_after_s / BEATS_PER_BOUND
         self.token = secrets.token_hex(8)
@@ -180,7 +181,7 @@ class Lease:
             if why is None:
                 raise LeaseHeld(
                     f"{self.what} is in use by a live run: {holder_text(rec)} (lease {self.path}). Wait for it to "
-                    f"end, use another directory, or take over with --force (or --set run.take_over=true) if "
+                    f"end, use another directory, or take over with {self.force_hint} if "
                     f"that run is gone; a lease whose heartbeat is older than "
                     f"{float(rec.get('stale_after_s') or DEFAULT_STALE_AFTER_S):.0f} s is taken over by itself")
             # Move the old lease aside under a name of our own: only one taker's rename succeeds.
@@ -265,7 +266,8 @@ def warn_if_live(run_dir: Path | str, doing: str) -> None:
               flush=True)
 
 
-def acquire_for_launch(path: Path | str, what: str, *, force: bool, stale_after_s: float) -> Lease | None:
+def acquire_for_launch(path: Path | str, what: str, *, force: bool, stale_after_s: float,
+                       force_hint: str = "--force (or --set run.take_over=true)") -> Lease | None:
     """Called by every rank of a launch before anything is written: rank 0 takes the lease and starts its
     heartbeat; the other ranks return None. A refusal reaches every rank: rank 0 prints the one error line at once
     and exits 2 (SystemExit) and, in a multi-process launch, the others learn it from a broadcast over the
@@ -276,7 +278,7 @@ def acquire_for_launch(path: Path | str, what: str, *, force: bool, stale_after_
     world = int(env.get("WORLD_SIZE") or (env.get("SLURM_NTASKS") if "RANK" not in env else None) or 1)
     lease, refusal = None, None
     if rank == 0:
-        lease = Lease(path, what, stale_after_s=stale_after_s)
+        lease = Lease(path, what, stale_after_s=stale_after_s, force_hint=force_hint)
         try:
             lease.acquire(force=force)
         except LeaseHeld as e:

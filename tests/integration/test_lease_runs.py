@@ -186,6 +186,14 @@ def test_force_takes_over_a_live_lease(tmp_path, tiny_data, plain):
     run = tmp_path / "run"
     shutil.copytree(plain[0], run)
     foreign_lease(run, age_s=3)
+    # export reads only: no lease, a warning, and the export all the same.
+    res = run_cli("export", str(run), "--out", str(tmp_path / "hf"), check=True)
+    warn = [x for x in res.stderr.splitlines() if x.startswith("megaslm: warning:")]
+    print(warn[0])
+    assert len(warn) == 1 and warn[0].startswith(f"megaslm: warning: {run} is held by a live run (pid 1 on host "
+                                                 f"node9, started ")
+    assert warn[0].endswith("exporting its newest complete checkpoint as of now (the run may write newer ones)")
+    assert (tmp_path / "hf" / "config.json").is_file()
     res = run_cli("train", str(write_config(tmp_path / "c.yaml", config(run, tiny_data))), "--force", check=True)
     took = [x for x in res.stdout.splitlines() if "took over the lease" in x]
     print(took[0])
@@ -246,3 +254,32 @@ def test_wrong_kind_of_path_names_the_key_and_the_file_and_creates_no_run_dir(tm
                                f"vocab_size 600 but data.train {tiny_data['train']} has vocab_size 512: every "
                                f"shard set of a run must share one tokenizer (data.valid.held_out in {path})")
     assert not run.exists()
+
+
+def test_a_config_refused_after_the_lease_leaves_no_run_dir(tmp_path, tiny_data):
+    """check_config runs after the lease is taken (so that a second launch is refused in a second): a config it
+    refuses leaves neither a lease nor the run directory the lease made."""
+    run = tmp_path / "run"
+    res = run_cli("train", str(write_config(tmp_path / "c.yaml", config(run, tiny_data))),
+                  "--set", "train.seq_len=100000")
+    lines = error_lines(res.stderr)
+    assert res.returncode == 2 and len(lines) == 1 and "exceeds the max_position_embeddings" in lines[0], res.stderr
+    assert not run.exists()
+
+
+def test_score_takes_a_lease_on_its_cache(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    lease = tmp_path / "cache.lease.json"
+    foreign_lease(tmp_path, age_s=3)
+    (tmp_path / LEASE_FILE).rename(lease)
+    cfg = write_config(tmp_path / "s.yaml", {
+        "run": {"dir": str(tmp_path / "run")}, "data": {"train": tiny_data["valid"]}, "objective": "slm",
+        "train": {"seq_len": 32}, "wandb": {"mode": "disabled"},
+        "reference": {"path": str(tmp_path / "ref"), "cache": str(cache)}})
+    res = run_cli("score", str(cfg))
+    lines = error_lines(res.stderr)
+    print(lines[0])
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr
+    assert lines[0].startswith(f"error: reference.cache {cache} is in use by a live run: pid 1 on host node9")
+    assert "take over with --set run.take_over=true if" in lines[0]  # score's own --force means score again
+    assert not cache.exists() and json.loads(lease.read_text())["token"] == "f0reign"
