@@ -221,10 +221,10 @@ class Lease:
                           flush=True)
                     continue
                 if not ok and self.held:
-                    rec = read_lease(self.path)
-                    who = holder_text(rec) if rec else "nobody (the file is gone)"
-                    print(f"megaslm: warning: the lease on {self.what} was taken over; it is now held by {who}. "
-                          f"This run no longer holds it", file=sys.stderr, flush=True)
+                    rec = read_lease(self.path)  # may be between a taker's rename and its create: absent
+                    now = f"; it is now held by {holder_text(rec)}" if rec else ""
+                    print(f"megaslm: warning: the lease on {self.what} was taken over by another launch{now}. This "
+                          f"run no longer holds it and stops refreshing it", file=sys.stderr, flush=True)
                     self.held = False
                     return
 

@@ -96,7 +96,7 @@ def test_heartbeat_refreshes_and_stops_when_taken_over(tmp_path, capsys):
     b.acquire(force=True, say=lambda *x, **k: None)
     a._thread.join(20)
     assert not a._thread.is_alive() and not a.held
-    assert "was taken over; it is now held by pid" in capsys.readouterr().err
+    assert "the lease on run directory R was taken over by another launch" in capsys.readouterr().err
     assert json.loads(b.path.read_text())["token"] == b.token
     b.release()
 
