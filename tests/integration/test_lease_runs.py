@@ -228,6 +228,23 @@ def test_ctrl_c_saves_releases_the_lease_and_the_resumed_run_equals_the_uninterr
     assert_resumed_exactly(run, plain[1])
 
 
+def test_ctrl_c_on_one_of_two_ranks_stops_both_at_that_step(tmp_path, tiny_data, plain):
+    """Rank 0 gets SIGINT during step 3 (fault injection): both ranks finish step 3, save it and stop; the resumed
+    two-rank run equals the uninterrupted one-rank run (data-parallel exactness)."""
+    run = tmp_path / "run"
+    cfg = str(write_config(tmp_path / "c.yaml", config(run, tiny_data, save_every=0, micro_batch_size=1)))
+    res = run_cli("train", cfg, nproc=2, env={"MEGASLM_FAULT": "sigint_in_step:3"})
+    assert res.returncode != 0 and "exitcode  : 130" in res.stderr, res.stderr[-3000:]  # torchrun's report of rank 0
+    assert "megaslm: Ctrl-C: finishing this step" in res.stdout
+    assert "stop signal received: checkpoint saved at step 3" in res.stdout
+    assert tags(run) == ["step_00000003"] and steps_logged(run) == 3
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000003").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert not (run / LEASE_FILE).exists()
+    run_cli("train", cfg, nproc=2, check=True)
+    assert_resumed_exactly(run, plain[1])
+
+
 # ---------------------------------------------------------------------------------------------- before a run dir
 def test_wrong_kind_of_path_names_the_key_and_the_file_and_creates_no_run_dir(tmp_path, tiny_data):
     run = tmp_path / "run"
