@@ -77,12 +77,11 @@ def cmd_export(a) -> int:
 def cmd_submit(a) -> int:
     from megaslm import submit
     from megaslm.config import load_config
-    from megaslm.errors import UserError as _UserError
     from megaslm.lease import warn_if_live
 
     try:
         run_dir = load_config(a.config, a.overrides).run.dir
-    except (_UserError, AttributeError):
+    except (UserError, AttributeError):
         run_dir = None  # submit reports a bad config itself
     if run_dir:  # not refused: a job queued behind the live run (--dependency) is fine
         warn_if_live(run_dir, "this job is refused when it starts unless that run has ended by then")
