@@ -130,7 +130,8 @@ class Lease:
         env = os.environ
         restarts = env.get("SLURM_RESTART_COUNT") or "0"
         return {"host": socket.gethostname(), "pid": os.getpid(), "machine": machine_id(),
-                "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_restart_count": int(restarts) if restarts.isdigit() else 0,
+                "slurm_job_id": env.get("SLURM_JOB_ID"),
+                "slurm_restart_count": int(restarts) if restarts.isdigit() else 0,
                 "started": started, "started_utc": _utc(started), "heartbeat": time.time(),
                 "stale_after_s": self.stale_after_s, "token": self.token, "argv": sys.argv[1:]}
 

@@ -105,7 +105,8 @@ def data_paths(cfg: Config) -> list[tuple[str, str]]:
     from megaslm.config import train_components, valid_sets
 
     comps = train_components(cfg.data)
-    train = [(f"data.train[{i}].path", c.path) for i, c in enumerate(comps)] if comps else [("data.train", cfg.data.train)]
+    train = ([(f"data.train[{i}].path", c.path) for i, c in enumerate(comps)] if comps
+             else [("data.train", cfg.data.train)])
     named = isinstance(cfg.data.valid, dict)
     return train + [(f"data.valid.{n}" if named else "data.valid", p) for n, p in valid_sets(cfg.data).items()]
 
