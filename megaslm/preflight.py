@@ -4,6 +4,10 @@
 small files (config.json of model.init_from / reference.path, the shards' meta.json) and only when they exist:
 a path that does not exist yet is not an error here (`megaslm plan` runs before the data is prepared). Each failure
 is one `UserError` line naming the keys and values at fault and the fix.
+
+`check_data(cfg, config_file)` is `megaslm train`'s stricter check before its run directory exists: every shard
+set, model and reference path must exist and be of the right kind, and every shard set must share data.train's
+tokenizer; its lines name the key and the config file.
 """
 
 from __future__ import annotations
