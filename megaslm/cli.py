@@ -24,11 +24,13 @@ def cmd_tokenizer_train(a) -> int:
 
 def cmd_prepare(a) -> int:
     from megaslm.data.prepare import prepare, sft_fields_from
+    from megaslm.ioerrors import io_errors_as_user_errors
 
     fields = sft_fields_from(a.prompt_field, a.response_field, a.messages_field)
-    meta = prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, num_proc=a.num_proc, sft_fields=fields,
-                   on_bad_utf8=a.on_bad_utf8,
-                   log=lambda s: print(s, file=sys.stderr) if s.startswith("skipped") else None)
+    with io_errors_as_user_errors("prepare", a.out, "the shard directory there, if any, is unchanged"):
+        meta = prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, num_proc=a.num_proc, sft_fields=fields,
+                       on_bad_utf8=a.on_bad_utf8,
+                       log=lambda s: print(s, file=sys.stderr) if s.startswith("skipped") else None)
     masked = ", with loss masks" if meta["loss_mask"] else ""
     skipped = f"; skipped {meta['bad_utf8_documents']} not valid UTF-8" if meta["bad_utf8_documents"] else ""
     print(f"wrote {meta['num_tokens']} tokens in {meta['num_documents']} documents ({meta['dtype']}{masked}) "
@@ -37,20 +39,36 @@ def cmd_prepare(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from pathlib import Path
+
     from megaslm.config import load_config
 
     cfg = load_config(a.config, a.overrides)
-    from megaslm.preflight import check_config
-    from megaslm.launch import main_entry
+    from megaslm.lease import LEASE_FILE, acquire_for_launch
+    from megaslm.preflight import check_config, check_data
 
-    check_config(cfg)  # before any process group or engine: refuse what cannot run
+    check_data(cfg, a.config)  # before anything is written: a run directory only for a run that can start
+    run_dir = Path(cfg.run.dir).resolve()
+    # Rank 0 takes the run directory's lease before anything is written (and before the slow imports: a second
+    # launch is refused in seconds); a refusal ends every rank.
+    lease = acquire_for_launch(run_dir / LEASE_FILE, f"run directory {run_dir}", force=a.force or cfg.run.take_over,
+                               stale_after_s=cfg.run.lease_stale_after_s)
+    try:
+        set_accelerator()
+        check_config(cfg)  # before any engine: refuse what cannot run (release() then removes the new run dir)
+        from megaslm.launch import main_entry
 
-    return main_entry(cfg)
+        return main_entry(cfg)
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 def cmd_export(a) -> int:
     from megaslm.export import export
+    from megaslm.lease import warn_if_live
 
+    warn_if_live(a.run_dir, "exporting its newest complete checkpoint as of now (the run may write newer ones)")
     out = export(a.run_dir, a.out, tag=a.tag)
     print(f"exported Hugging Face model to {out}")
     return 0
@@ -58,14 +76,38 @@ def cmd_export(a) -> int:
 
 def cmd_submit(a) -> int:
     from megaslm import submit
+    from megaslm.config import load_config
+    from megaslm.lease import warn_if_live
 
+    try:
+        run_dir = load_config(a.config, a.overrides).run.dir
+    except (UserError, AttributeError):
+        run_dir = None  # submit reports a bad config itself
+    if run_dir:  # not refused: a job queued behind the live run (--dependency) is fine
+        warn_if_live(run_dir, "this job is refused when it starts unless that run has ended by then")
     return submit.run(a)
 
 
 def cmd_score(a) -> int:
+    from megaslm.config import load_config
+    from megaslm.ioerrors import io_errors_as_user_errors
+    from megaslm.lease import acquire_for_launch
     from megaslm.reference import score
 
-    return score.run(a)
+    cfg = load_config(a.config, a.overrides)
+    cache = cfg.reference.cache
+    lease = None
+    if cache:  # two scorers of one cache would share its work directory: one at a time
+        lease = acquire_for_launch(f"{cache.rstrip('/')}.lease.json", f"reference.cache {cache}",
+                                   force=cfg.run.take_over, stale_after_s=cfg.run.lease_stale_after_s,
+                                   force_hint="--set run.take_over=true")  # score's --force means "score again"
+    try:
+        with io_errors_as_user_errors("score", cache or "reference.cache",
+                                      "the cache there, if any, is unchanged; a re-run resumes the chunks written"):
+            return score.run(a)
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 def cmd_plan(a) -> int:
@@ -94,7 +136,9 @@ def cmd_analyze_tokens(a) -> int:
 
 def cmd_analyze_dynamics(a) -> int:
     from megaslm.analyze.dynamics import analyze_dynamics
+    from megaslm.lease import warn_if_live
 
+    warn_if_live(a.run_dir, "reading the checkpoints it has now (it may prune some meanwhile)")
     s = analyze_dynamics(a.run_dir, a.data, a.out, reference=a.reference, n_tokens=a.tokens,
                          threshold=a.threshold, ratio=a.ratio, text_field=a.text_field, batch_size=a.batch_size)
     print(f"threshold {s['threshold']:.4f} nats; " + ", ".join(f"{c} {n}" for c, n in s["counts"].items()))
@@ -145,7 +189,23 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def set_accelerator() -> None:
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed warns on every import that it found no GPU
+
+
+def _command(argv: list[str] | None) -> str | None:
+    """The subcommand named on the command line (None if none or unclear): the parser then imports only its own
+    module, so that `megaslm train` reaches its lease check without loading the model code of `score` and `plan`."""
+    if argv is None:  # a caller that builds the whole parser
+        return None
+    words = [x for x in argv if not x.startswith("-")]
+    known = ("tokenizer", "prepare", "train", "export", "submit", "score", "analyze", "report", "plan", "demo")
+    return words[0] if words and words[0] in known else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    command = _command(argv)
     ap = argparse.ArgumentParser(prog="megaslm", description="Pretraining with Selective Language Modeling "
                                  "(Rho-1) on DeepSpeed ZeRO.")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -179,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train (CLM or SLM) from a YAML config; re-run to resume")
     tr.add_argument("config", help="YAML config file")
     _add_set(tr)
+    tr.add_argument("--force", action="store_true",
+                    help="take the run directory's lease even if a live run seems to hold it (see docs/resilience.md)")
     tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     tr.set_defaults(func=cmd_train)
 
@@ -199,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("score", help="score the training shards with the reference model into reference.cache "
                         "(Rho-1 step 2, optional: SLM can also run the reference online)")
-    from megaslm.reference import score
+    if command in (None, "score"):
+        from megaslm.reference import score
 
-    score.add_arguments(sc)
+        score.add_arguments(sc)
     sc.set_defaults(func=cmd_score)
 
     _add_analyze(sub)
@@ -211,9 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plan", help="memory per device, FLOPs, time and GPU-hours of a config, without running it")
-    from megaslm import plan
+    if command in (None, "plan"):
+        from megaslm import plan
 
-    plan.add_arguments(pl)
+        plan.add_arguments(pl)
     pl.set_defaults(func=cmd_plan)
 
     de = sub.add_parser("demo", help="the Rho-1 experiment on CPU with text that ships on this machine")
@@ -226,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
-        os.environ["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed warns on every import that it found no GPU
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
+        if args.func is not cmd_train:  # train does it after its lease check (importing torch takes seconds)
+            set_accelerator()
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

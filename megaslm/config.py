@@ -29,6 +29,8 @@ PRESETS = ("tiny", "tinyllama-1.1b", "llama2-7b", "mistral-7b")
 class RunConfig:
     dir: str = ""  # required: checkpoints, metrics.jsonl, config.yaml and wandb files go here
     name: str | None = None  # defaults to the run directory's name
+    take_over: bool = False  # take the run directory's lease even from a run that looks live (`train --force`)
+    lease_stale_after_s: float = 300.0  # a lease whose heartbeat is older is taken over (megaslm/lease.py)
 
 
 @dataclass
@@ -163,6 +165,8 @@ def validate(cfg: Config, src: str = "config") -> Config:
 
     if not cfg.run.dir:
         raise bad("run.dir", "is required (the run directory)")
+    if cfg.run.lease_stale_after_s < 10:
+        raise bad("run.lease_stale_after_s", f"must be >= 10 (seconds), got {cfg.run.lease_stale_after_s}")
     if not cfg.data.train:
         raise bad("data.train", "is required (a shard directory written by `megaslm prepare`, or a list of "
                                 "{path, weight, name})")

@@ -7,7 +7,9 @@ Points that simulate a failure the code must survive:
 - `save_enospc` - the save of that step's checkpoint fails with OSError(ENOSPC) on the last rank, after the
   other ranks wrote their files (a disk that fills up during the save);
 - `nan_loss` - the per-token losses of that step become NaN on rank 0 (one rank's overflow or a bad batch);
-- `spike_loss` - the per-token losses of that step are multiplied by 100 on every rank (a loss spike).
+- `spike_loss` - the per-token losses of that step are multiplied by 100 on every rank (a loss spike);
+- `sigint_in_step` - rank 0 sends itself SIGINT during that step, before its stop check (a Ctrl-C that reaches
+  one rank while the step runs).
 The tests use them to prove that no fault corrupts the last good checkpoint and that resuming reproduces the
 uninterrupted run. Several points may be given, separated by commas.
 """
@@ -47,6 +49,10 @@ def maybe_fail_write(step: int, rank: int, world: int, path: str) -> None:
 
 def corrupt_loss(token_loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     """`nan_loss` (rank 0) / `spike_loss` (every rank): the per-token losses of optimizer step `step`."""
+    if rank == 0 and _armed("sigint_in_step", step):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
     if rank == 0 and _armed("nan_loss", step):
         return token_loss * float("nan")
     if _armed("spike_loss", step):

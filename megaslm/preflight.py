@@ -4,6 +4,10 @@
 small files (config.json of model.init_from / reference.path, the shards' meta.json) and only when they exist:
 a path that does not exist yet is not an error here (`megaslm plan` runs before the data is prepared). Each failure
 is one `UserError` line naming the keys and values at fault and the fix.
+
+`check_data(cfg, config_file)` is `megaslm train`'s stricter check before its run directory exists: every shard
+set, model and reference path must exist and be of the right kind, and every shard set must share data.train's
+tokenizer; its lines name the key and the config file.
 """
 
 from __future__ import annotations
@@ -85,3 +89,71 @@ def check_config(cfg: Config) -> None:
         if want is not None and ref.vocab_size != want:
             raise UserError(f"{ref_what} has vocab_size {ref.vocab_size} but the trained model's vocabulary is "
                             f"{want} (data.train {first_train_path(cfg.data)}): the reference must share the tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------- data, before a run
+def path_kind(path: str, marker: str | None = None) -> str:
+    """What is at `path`, in words, for messages (`marker`: the file a directory of the right kind holds)."""
+    p = Path(path)
+    if not p.exists():
+        return "does not exist"
+    if p.is_dir():
+        return f"is a directory without {marker}" if marker and not (p / marker).exists() else "is a directory"
+    if p.is_file():
+        return f"is a file ({p.stat().st_size} bytes)"
+    return "is neither a file nor a directory"
+
+
+def data_paths(cfg: Config) -> list[tuple[str, str]]:
+    """(key, shard directory) for every shard set of a run: data.train (or each component), then data.valid."""
+    from megaslm.config import train_components, valid_sets
+
+    comps = train_components(cfg.data)
+    train = ([(f"data.train[{i}].path", c.path) for i, c in enumerate(comps)] if comps
+             else [("data.train", cfg.data.train)])
+    named = isinstance(cfg.data.valid, dict)
+    return train + [(f"data.valid.{n}" if named else "data.valid", p) for n, p in valid_sets(cfg.data).items()]
+
+
+def expect_dir(key: str, path: str, marker: str, want: str, src: str) -> None:
+    """Refuse, naming the key and the config file, unless `path` is a directory holding `marker`."""
+    if not (Path(path) / marker).is_file():
+        raise UserError(f"{key} {path} {path_kind(path, marker)}, expected {want} ({key} in {src})")
+
+
+def check_data(cfg: Config, src: str) -> None:
+    """`megaslm train`, before the run directory exists: every path of the config is of the kind its key needs,
+    and every shard set shares data.train's tokenizer. Each failure names the key and the config file `src`."""
+    from megaslm.data.shards import META_FILE, ShardSet
+
+    sets = {}
+    for key, path in data_paths(cfg):
+        expect_dir(key, path, META_FILE, "a shard directory written by `megaslm prepare`", src)
+        try:
+            sets[key] = ShardSet(path)
+        except UserError as e:
+            raise UserError(f"{key} in {src}: {e}") from None
+    (first_key, first), *rest = sets.items()
+    vocab = cfg.model.vocab_size or first.vocab_size
+    for key, s in sets.items():
+        if s.vocab_size != vocab:
+            other = (f"model.vocab_size is {vocab}" if cfg.model.vocab_size else
+                     f"{first_key} {first.path} has vocab_size {vocab}")
+            raise UserError(f"{key} {s.path} was tokenized with vocab_size {s.vocab_size} but {other}: every shard "
+                            f"set of a run must share one tokenizer ({key} in {src})")
+        if s.fingerprint != first.fingerprint:
+            raise UserError(f"{key} {s.path} was tokenized by another tokenizer (sha256 {s.fingerprint[:12]}..) than "
+                            f"{first_key} {first.path} (sha256 {first.fingerprint[:12]}..): every shard set of a run "
+                            f"must share one tokenizer ({key} in {src})")
+    hf = "a Hugging Face model directory"
+    if cfg.model.init_from:
+        expect_dir("model.init_from", cfg.model.init_from, "config.json", hf, src)
+    if cfg.objective == "slm":
+        for i, path in enumerate(reference_paths(cfg)):
+            expect_dir("reference.path" if isinstance(cfg.reference.path, str) else f"reference.path[{i}]", path,
+                       "config.json", hf, src)
+        if cfg.reference.cache:
+            from megaslm.reference.cache import META_FILE as CACHE_META
+
+            expect_dir("reference.cache", cfg.reference.cache, CACHE_META, "a reference-loss cache written by "
+                       "`megaslm score`", src)

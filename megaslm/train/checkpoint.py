@@ -33,7 +33,7 @@ from megaslm.atomic import write_text
 from megaslm.config import CHECKPOINT_TAG_RE
 from megaslm.errors import UserError
 from megaslm.train import manifest
-from megaslm.train.faults import maybe_fail, maybe_fail_write
+from megaslm.faults import maybe_fail, maybe_fail_write
 from megaslm.train.halt import halt
 
 POINTER = "latest_complete"

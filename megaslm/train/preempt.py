@@ -6,6 +6,10 @@ preemption with a grace time sends SIGTERM. The handlers here only record the si
 checkpoint and exits with `after_checkpoint()`'s code. Rank 0 then runs `scontrol requeue $SLURM_JOB_ID`: the
 job goes back to the queue (same job id, SLURM_RESTART_COUNT + 1) and its new instance resumes from that
 checkpoint. MEGASLM_MAX_REQUEUES (default 3, written by `megaslm submit --max-requeues`) caps the requeues.
+
+Ctrl-C (SIGINT) stops the same way, announced on the console, but is never requeued: the user asked to stop. A
+second Ctrl-C exits at once: the first one puts back the kernel's default action, which ends the process even
+inside a blocking collective, where a Python handler would only run once the call returns.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ DEFAULT_MAX_REQUEUES = 3
 class Preemption:
     """Records stop signals; decides, after the checkpoint, whether to requeue and what to exit with."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
         self.signum: int | None = None
         self._previous = {}
         for s in signals:
@@ -31,9 +35,15 @@ class Preemption:
             except ValueError:
                 pass
 
-    def _record(self, signum: int, frame) -> None:  # async-signal context: record, do nothing else
+    def _record(self, signum: int, frame) -> None:  # between two bytecodes of the main thread: keep it tiny
         if self.signum is None:
             self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process at once
+            if os.environ.get("RANK", "0") == "0":  # one line per launch, not one per rank
+                # os.write, not print: the handler may run inside a print to the same stream.
+                os.write(1, b"\nmegaslm: Ctrl-C: finishing this step, then saving a checkpoint and exiting "
+                            b"(Ctrl-C again exits at once, without saving)\n")
 
     def requested(self) -> bool:
         """True once a stop signal arrived in this process."""
@@ -59,6 +69,8 @@ class Preemption:
             return 0
         stopped = 128 + (self.signum or signal.SIGTERM)
         requeue, why = requeue_decision(os.environ)
+        if self.signum == signal.SIGINT:
+            requeue, why = False, "stopped by Ctrl-C (SIGINT)"
         if not requeue:
             print(f"megaslm: checkpoint saved; not requeueing: {why}", flush=True)
             return stopped
