@@ -77,7 +77,7 @@ def cmd_plan(a) -> int:
 def cmd_demo(a) -> int:
     from megaslm.demo import run_demo
 
-    return run_demo(a.out, quick=a.quick, steps=a.steps)
+    return run_demo(a.out, quick=a.quick, steps=a.steps, seed=a.seed)
 
 
 def cmd_analyze_tokens(a) -> int:
@@ -217,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     de = sub.add_parser("demo", help="the Rho-1 experiment on CPU with text that ships on this machine")
-    de.add_argument("--out", default="demo_run", help="output directory (default ./demo_run)")
+    de.add_argument("--out", default=None, help="output directory (default ./demo_run, with --quick ./demo_quick)")
     de.add_argument("--quick", action="store_true", help="a smaller, faster version (used by the tests)")
     de.add_argument("--steps", type=int, default=None, help="training steps per model (overrides the default)")
+    de.add_argument("--seed", type=int, default=0, help="seed of the corpora, the inits and the data order")
     de.set_defaults(func=cmd_demo)
     return ap
 
