@@ -40,6 +40,7 @@ import tempfile
 
 import numpy as np
 
+from megaslm.atomic import umask
 from megaslm.errors import UserError
 
 FORMAT_VERSION = 2
@@ -97,6 +98,7 @@ class ShardWriter:
         parent = os.path.dirname(self.out_dir)
         os.makedirs(parent, exist_ok=True)
         self.tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(self.out_dir) + ".tmp-", dir=parent)
+        os.chmod(self.tmp_dir, 0o777 & ~umask())  # mkdtemp's 0700 would become the shard directory's mode
         self._shards: list[dict] = []
         self._source_tokens = [0] * len(self.sources)
         self._source_docs = [0] * len(self.sources)

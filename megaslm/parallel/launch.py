@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         rank, failure = e.get_first_failure()
         rc = int(failure.exitcode)
         how, code = (f"exit code {rc}", rc or 1) if rc >= 0 else (f"signal {-rc}", 128 - rc)  # torchrun: -signal
-        print(f"megaslm: {e.name} stopped: rank {rank} ended with {how} (its output above says why)",
-              file=sys.stderr, flush=True)
+        prog = "megaslm" if args.training_script == "megaslm.cli" else args.training_script
+        print(f"megaslm: `{' '.join([prog, *args.training_script_args])}` stopped: rank {rank} ended with {how} "
+              "(its output above says why)", file=sys.stderr, flush=True)
         return code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -269,7 +269,7 @@ class Trainer:
 
         # Resume.
         self.step = 0
-        state = checkpoint.resume(self.engine, self.ckpt_root, cfg.train.resume_from, self._say)
+        state = checkpoint.resume(self.engine, self.ckpt_root, cfg.train.resume_from, self._say, cfg.to_dict())
         if state is not None:
             self.step = int(state["step"])
             self.loader.load_state_dict(state["loader"])
