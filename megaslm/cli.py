@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from megaslm.errors import UserError
 
@@ -88,7 +89,7 @@ def cmd_analyze_tokens(a) -> int:
     for name, v in s["sources"].items():
         print(f"{name}: {v['tokens']} tokens, selected {v['selected_frac']:.3f}, loss {v['mean_loss']:.4f}, "
               f"ref_loss {v['mean_ref_loss']:.4f}")
-    print(f"wrote {a.out}/tokens.html and tokens.jsonl ({s['all']['tokens']} tokens, {s['seconds']:.1f} s)")
+    print(f"wrote {Path(a.out) / 'tokens.html'} and tokens.jsonl ({s['all']['tokens']} tokens, {s['seconds']:.1f} s)")
     return 0
 
 
@@ -98,7 +99,7 @@ def cmd_analyze_dynamics(a) -> int:
     s = analyze_dynamics(a.run_dir, a.data, a.out, reference=a.reference, n_tokens=a.tokens,
                          threshold=a.threshold, ratio=a.ratio, text_field=a.text_field, batch_size=a.batch_size)
     print(f"threshold {s['threshold']:.4f} nats; " + ", ".join(f"{c} {n}" for c, n in s["counts"].items()))
-    print(f"wrote {a.out}/dynamics.csv and dynamics.png ({len(s['steps'])} checkpoints, {s['seconds']:.1f} s)")
+    print(f"wrote {Path(a.out) / 'dynamics.csv'} and dynamics.png ({len(s['steps'])} checkpoints, {s['seconds']:.1f} s)")
     return 0
 
 

@@ -108,3 +108,21 @@ def test_resuming_another_configs_checkpoint_is_one_line_and_no_traceback(tmp_pa
     res = launch(over)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "starting at step 0" in res.stdout
+
+
+def test_analyze_tokens_names_its_page_once(shared_run, tiny_data):
+    root, _, _ = shared_run
+    res = run_cli("analyze", "tokens", "--model", str(root / "hf"), "--reference", str(root / "hf"), "--data",
+                  tiny_data["train"], "--out", str(root / "view2") + "/", "--docs", "1", "--seq-len", "32", check=True)
+    assert f"wrote {root / 'view2' / 'tokens.html'} and tokens.jsonl" in res.stdout and "//" not in res.stdout
+
+
+def test_readme_cost_table_is_what_plan_table_prints():
+    readme = (REPO / "README.md").read_text()
+    for configs, nodes in ((("reference_1b", "slm_1b", "slm_1b_cached"), "4"),
+                           (("reference_7b", "slm_7b", "slm_7b_cached"), "16")):
+        res = run_cli("plan", "--table", *(f"configs/{c}.yaml" for c in configs), "--nodes", nodes, check=True)
+        lines = res.stdout.strip().splitlines()
+        assert len(lines) == 2 + len(configs)
+        for line in lines:
+            assert line in readme, line
