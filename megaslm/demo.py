@@ -266,6 +266,7 @@ PHASES = [("corpora", phase_corpora), ("tokenizer", phase_tokenizer), ("shards",
 
 
 def run_demo(out: str | None = None, quick: bool = False, steps: int | None = None, seed: int = 0) -> int:
+    t_start = time.time()
     ident = demo_settings(quick, steps, seed)
     root = Path(out or DEFAULT_DIRS[ident["variant"]]).resolve()
     state = claim(root, ident)
@@ -277,7 +278,7 @@ def run_demo(out: str | None = None, quick: bool = False, steps: int | None = No
     if done:
         _say(f"continuing {_describe(ident)} in {root} (done before: {', '.join(done)})")
     root.mkdir(parents=True, exist_ok=True)
-    d = Demo(root, ident, state)
+    d = Demo(root, ident, state, t_start)
     d.save(phases_done=done, complete=False)
     todo = [(name, fn) for name, fn in PHASES if name not in done]
     for i, (name, fn) in enumerate(PHASES, 1):

@@ -52,7 +52,8 @@ def test_variants_default_to_their_own_directories(tmp_path, monkeypatch, fake_p
 @pytest.mark.parametrize("quick, other, expect", [
     (False, dict(quick=True), "holds the quick demo (seed 0), not the full demo (seed 0)"),
     (True, dict(quick=False), "holds the full demo (seed 0), not the quick demo (seed 0)"),
-    (True, dict(quick=True, steps=7), "with other settings (ref_steps 7 there, 20 here; steps 7 there, 20 here)"),
+    (True, dict(quick=True, steps=7), f"with other settings (ref_steps 7 there, {demo.QUICK['ref_steps']} here; "
+                                      f"steps 7 there, {demo.QUICK['steps']} here)"),
     (True, dict(quick=True, seed=3), "with other settings (seed 3 there, 0 here)"),
 ])
 def test_another_variant_or_config_is_refused_before_anything_is_written(tmp_path, fake_phases, quick, other,
