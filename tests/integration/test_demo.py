@@ -26,9 +26,10 @@ def test_quick_demo_writes_report_plot_and_models(tmp_path):
     assert "Held-out loss on clean text" in text
     state = json.loads((out / "demo.json").read_text())
     assert state["complete"] and state["variant"] == "quick" and state["params"]["steps"] == 6
-    # The report's wall time covers every phase, the analysis included (it was taken before it once).
+    # The report's wall time covers every phase, the analysis included (it was taken before it once); only the
+    # report's own writing (plots, wandb) comes after it.
     assert f"Wall time {report['elapsed_s']:.0f} s, every phase" in text
-    assert report["elapsed_s"] == pytest.approx(state["elapsed_s"], abs=5)
+    assert 0 <= state["elapsed_s"] - report["elapsed_s"] <= 0.05 * state["elapsed_s"]
     for model in ("reference_hf", "slm_hf"):
         assert (out / model / "model.safetensors").is_file()
 
