@@ -21,6 +21,13 @@ from typing import Callable
 from megaslm.errors import UserError
 
 
+def umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, *, temp_suffix: str | None = None) -> None:
     """temp_suffix: a fixed temporary name (path + suffix) for a file only one process writes, so that a
     leftover of a crashed write is recognised and removed on resume (the score's chunks use ".partial");

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from megaslm.errors import UserError
 
@@ -119,7 +120,7 @@ def cmd_plan(a) -> int:
 def cmd_demo(a) -> int:
     from megaslm.demo import run_demo
 
-    return run_demo(a.out, quick=a.quick, steps=a.steps)
+    return run_demo(a.out, quick=a.quick, steps=a.steps, seed=a.seed)
 
 
 def cmd_analyze_tokens(a) -> int:
@@ -130,7 +131,7 @@ def cmd_analyze_tokens(a) -> int:
     for name, v in s["sources"].items():
         print(f"{name}: {v['tokens']} tokens, selected {v['selected_frac']:.3f}, loss {v['mean_loss']:.4f}, "
               f"ref_loss {v['mean_ref_loss']:.4f}")
-    print(f"wrote {a.out}/tokens.html and tokens.jsonl ({s['all']['tokens']} tokens, {s['seconds']:.1f} s)")
+    print(f"wrote {Path(a.out) / 'tokens.html'} and tokens.jsonl ({s['all']['tokens']} tokens, {s['seconds']:.1f} s)")
     return 0
 
 
@@ -142,7 +143,7 @@ def cmd_analyze_dynamics(a) -> int:
     s = analyze_dynamics(a.run_dir, a.data, a.out, reference=a.reference, n_tokens=a.tokens,
                          threshold=a.threshold, ratio=a.ratio, text_field=a.text_field, batch_size=a.batch_size)
     print(f"threshold {s['threshold']:.4f} nats; " + ", ".join(f"{c} {n}" for c, n in s["counts"].items()))
-    print(f"wrote {a.out}/dynamics.csv and dynamics.png ({len(s['steps'])} checkpoints, {s['seconds']:.1f} s)")
+    print(f"wrote {Path(a.out) / 'dynamics.csv'} and dynamics.png ({len(s['steps'])} checkpoints, {s['seconds']:.1f} s)")
     return 0
 
 
@@ -281,9 +282,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     de = sub.add_parser("demo", help="the Rho-1 experiment on CPU with text that ships on this machine")
-    de.add_argument("--out", default="demo_run", help="output directory (default ./demo_run)")
+    de.add_argument("--out", default=None, help="output directory (default ./demo_run, with --quick ./demo_quick)")
     de.add_argument("--quick", action="store_true", help="a smaller, faster version (used by the tests)")
     de.add_argument("--steps", type=int, default=None, help="training steps per model (overrides the default)")
+    de.add_argument("--seed", type=int, default=0, help="seed of the corpora, the inits and the data order")
     de.set_defaults(func=cmd_demo)
     return ap
 

@@ -8,6 +8,12 @@
    (every SLM checkpoint) under analysis/; `megaslm report` over the three runs: report.md, val_loss.png and the
    other plots in the output directory.
 Every training run uses the real DeepSpeed engine (ZeRO-2) across 2 processes over gloo.
+
+Each variant has its own default directory (`demo_run/`, `demo_quick/`). DIR/demo.json records which demo the
+directory holds (variant, seed, settings), the phases done and the time spent. A demo refuses, before writing
+anything, a directory that holds another variant's or another configuration's run, or that is not empty and
+holds no demo. Run again on its own directory, a demo continues from the first phase not done (an interrupted
+training resumes from its checkpoint); a finished one is left as it is.
 """
 
 from __future__ import annotations
@@ -17,106 +23,292 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from megaslm.atomic import write_json
+from megaslm.errors import UserError
 from megaslm.parallel.dist import free_port
 
 FULL = dict(clean_bytes=2_000_000, noisy_bytes=3_000_000, valid_bytes=200_000, vocab=2000, seq_len=128,
             micro_batch=8, ref_steps=200, steps=200, eval_every=20, valid_sequences=64, analyze_docs=10,
             dynamics_tokens=16384)
-QUICK = dict(clean_bytes=300_000, noisy_bytes=400_000, valid_bytes=60_000, vocab=1000, seq_len=64,
-             micro_batch=4, ref_steps=20, steps=20, eval_every=10, valid_sequences=16, analyze_docs=5,
+# The quick demo's settings were chosen to show the effect, and checked on seeds 0, 1 and 2 (README, "The demo"):
+# 20 steps on 64-token sequences (the earlier setting) left SLM above CLM; from about 100 steps of 128 x 8 it is
+# below at every evaluation.
+QUICK = dict(clean_bytes=1_000_000, noisy_bytes=1_500_000, valid_bytes=100_000, vocab=1000, seq_len=128,
+             micro_batch=8, ref_steps=100, steps=100, eval_every=20, valid_sequences=32, analyze_docs=5,
              dynamics_tokens=4096)
+VARIANTS = {"full": FULL, "quick": QUICK}
+# Each variant has its own default directory, so that one never overwrites the other's run.
+DEFAULT_DIRS = {"full": "demo_run", "quick": "demo_quick"}
+STATE = "demo.json"  # what the directory holds: variant, seed, settings, the phases done, the time spent
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+_step = [""]  # "4/8 " while phase 4 of 8 runs: the prefix of its first line
+
+
+def _phase(msg: str) -> None:
+    _say(f"{_step[0]}{msg}")
+
+
+class StepFailed(Exception):
+    """A command the demo ran exited non-zero; its own output (its error line) has already been printed."""
+
+    def __init__(self, what: str, code: int):
+        super().__init__(what)
+        self.what, self.code = what, code
+
+
+def _run(what: str, cmd: list[str], env: dict | None = None) -> None:
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise StepFailed(what, code)
+
+
 def _megaslm(*args: str) -> None:
-    cmd = [sys.executable, "-m", "megaslm.cli", *args]
-    subprocess.run(cmd, check=True)
+    _run(f"megaslm {args[0]}", [sys.executable, "-m", "megaslm.cli", *args])
 
 
 def _train(cfg: dict, path: Path, nproc: int = 2) -> None:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "megaslm.cli", "train", str(path)]
+    # megaslm.parallel.launch is torchrun that ends a failed worker with one line instead of a traceback.
+    cmd = [sys.executable, "-m", "megaslm.parallel.launch", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "megaslm.cli", "train", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
            "WANDB_SILENT": "true"}
-    subprocess.run(cmd, check=True, env=env)
+    _run(f"megaslm train {path.name}", cmd, env)
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def run_demo(out: str = "demo_run", quick: bool = False, steps: int | None = None) -> int:
-    from megaslm.data.corpus import build_demo_corpora
-
-    p = dict(QUICK if quick else FULL)
+# ---------------------------------------------------------------------------------------------- the directory
+def demo_settings(quick: bool = False, steps: int | None = None, seed: int = 0) -> dict:
+    """What identifies a demo run: its variant, its seed and every setting (a directory holds one of them)."""
+    variant = "quick" if quick else "full"
+    p = dict(VARIANTS[variant])
     if steps:
         p["steps"] = p["ref_steps"] = steps
-    root = Path(out).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
+    return {"variant": variant, "seed": seed, "params": p}
 
-    _say(f"1/6 building corpora from text on this machine into {root / 'corpus'}")
-    paths = build_demo_corpora(str(root / "corpus"), p["clean_bytes"], p["noisy_bytes"], p["valid_bytes"], seed=0)
-    clean, noisy_clean, noisy_noise, valid = (paths["clean_train"], paths["noisy_train_clean"],
-                                              paths["noisy_train_noise"], paths["clean_valid"])
 
-    _say(f"2/6 training a SentencePiece tokenizer (vocab {p['vocab']})")
-    tok = root / "tokenizer"
-    _megaslm("tokenizer", "train", "--input", clean, noisy_clean, noisy_noise, "--vocab-size", str(p["vocab"]),
-             "--out", str(tok))
+def _describe(ident: dict) -> str:
+    return f"the {ident['variant']} demo (seed {ident['seed']})"
 
-    _say("3/6 preparing token shards")
-    shards = root / "shards"
-    _megaslm("prepare", "--input", clean, "--tokenizer", str(tok), "--out", str(shards / "clean"))
-    _megaslm("prepare", "--input", noisy_clean, noisy_noise, "--tokenizer", str(tok), "--out", str(shards / "noisy"))
-    _megaslm("prepare", "--input", valid, "--tokenizer", str(tok), "--out", str(shards / "valid"))
 
-    base = {
+def _differences(old: dict, new: dict) -> str:
+    diffs = [f"seed {old.get('seed')} there, {new['seed']} here"] if old.get("seed") != new["seed"] else []
+    op, np_ = old.get("params") or {}, new["params"]
+    diffs += [f"{k} {op.get(k)} there, {np_.get(k)} here" for k in sorted(set(op) | set(np_)) if op.get(k) != np_.get(k)]
+    return "; ".join(diffs)
+
+
+def claim(root: Path, ident: dict) -> dict:
+    """The state of `root` for the demo `ident`, checked before anything is written: {} for a new or empty
+    directory, the saved state for an unfinished or finished run of the same demo. A directory holding another
+    variant's run, another configuration's, or files that are not a demo's is refused (UserError)."""
+    if not root.exists():
+        return {}
+    if not root.is_dir():
+        raise UserError(f"--out {root}: exists and is not a directory")
+    state_file = root / STATE
+    if not state_file.is_file():
+        if any(root.iterdir()):
+            raise UserError(f"--out {root}: the directory is not empty and holds no megaslm demo (no {STATE}; "
+                            "a demo run by an earlier megaslm has none either): pass --out with a new directory, "
+                            "or remove this one")
+        return {}
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{state_file}: unreadable ({e}); remove {root} or pass --out with a new directory") from None
+    here, there = _describe(ident), _describe(state)
+    if state.get("variant") != ident["variant"]:
+        default = DEFAULT_DIRS[ident["variant"]]
+        flag = " --quick" if ident["variant"] == "quick" else ""
+        raise UserError(f"--out {root}: holds {there}, not {here}; `megaslm demo{flag}` writes to ./{default} by "
+                        f"default: pass --out with another directory, or remove this one")
+    diffs = _differences(state, ident)
+    if diffs:
+        raise UserError(f"--out {root}: holds {there} with other settings ({diffs}); pass --out with a new "
+                        f"directory for this one, or remove that one")
+    return state
+
+
+@dataclass
+class Demo:
+    """One demo run in `root`; `state` is what demo.json records, saved after every phase."""
+
+    root: Path
+    ident: dict
+    state: dict = field(default_factory=dict)
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def p(self) -> dict:
+        return self.ident["params"]
+
+    @property
+    def seed(self) -> int:
+        return self.ident["seed"]
+
+    def elapsed(self) -> float:
+        """Seconds spent on this demo, over every invocation that worked on it (a resumed one included)."""
+        return self.state.get("elapsed_s", 0.0) + time.time() - self.t_start
+
+    def save(self, **changes) -> None:
+        self.state.update(self.ident, **changes)
+        write_json(self.root / STATE, {**self.state, "elapsed_s": round(self.elapsed(), 1)})
+
+    def path(self, *parts: str) -> str:
+        return str(self.root.joinpath(*parts))
+
+
+# ------------------------------------------------------------------------------------------------- the phases
+def phase_corpora(d: Demo) -> None:
+    from megaslm.data.corpus import build_demo_corpora
+
+    _phase(f"building corpora from text on this machine into {d.path('corpus')}")
+    build_demo_corpora(d.path("corpus"), d.p["clean_bytes"], d.p["noisy_bytes"], d.p["valid_bytes"], seed=d.seed)
+
+
+def _corpus(d: Demo, name: str) -> str:
+    return d.path("corpus", f"{name}.jsonl")
+
+
+def phase_tokenizer(d: Demo) -> None:
+    _phase(f"training a SentencePiece tokenizer (vocab {d.p['vocab']})")
+    _megaslm("tokenizer", "train", "--input", _corpus(d, "clean_train"), _corpus(d, "noisy_train_clean"),
+             _corpus(d, "noisy_train_noise"), "--vocab-size", str(d.p["vocab"]), "--out", d.path("tokenizer"))
+
+
+def phase_shards(d: Demo) -> None:
+    _phase("preparing token shards")
+    tok = d.path("tokenizer")
+    _megaslm("prepare", "--input", _corpus(d, "clean_train"), "--tokenizer", tok, "--out", d.path("shards", "clean"))
+    _megaslm("prepare", "--input", _corpus(d, "noisy_train_clean"), _corpus(d, "noisy_train_noise"), "--tokenizer",
+             tok, "--out", d.path("shards", "noisy"))
+    _megaslm("prepare", "--input", _corpus(d, "clean_valid"), "--tokenizer", tok, "--out", d.path("shards", "valid"))
+
+
+def run_config(d: Demo, name: str, **over) -> dict:
+    """The training config of one demo run; `over` sets section__key entries."""
+    p = d.p
+    c = {
+        "run": {"dir": d.path("runs", name), "name": name},
         "model": {"preset": "tiny"},
-        "data": {"valid": str(shards / "valid"), "tokenizer": str(tok), "valid_sequences": p["valid_sequences"]},
-        "train": {"seq_len": p["seq_len"], "micro_batch_size": p["micro_batch"], "lr": 2e-3, "warmup_steps": 10,
-                  "eval_every": p["eval_every"], "log_every": 5, "seed": 0},
+        "data": {"valid": d.path("shards", "valid"), "tokenizer": d.path("tokenizer"),
+                 "valid_sequences": p["valid_sequences"]},
+        "train": {"seq_len": p["seq_len"], "micro_batch_size": p["micro_batch"], "lr": p.get("lr", 2e-3),
+                  "warmup_steps": p.get("warmup_steps", 10), "eval_every": p["eval_every"], "log_every": 5,
+                  "seed": d.seed},
         "deepspeed": {"config": "ds_configs/zero2.json"},
         "wandb": {"mode": "offline", "project": "megaslm-demo"},
     }
+    for k, v in over.items():
+        sec, key = k.split("__")
+        c.setdefault(sec, {})[key] = v
+    return c
 
-    def cfg(name: str, **over) -> dict:
-        c = json.loads(json.dumps(base))
-        c["run"] = {"dir": str(root / "runs" / name), "name": name}
-        for k, v in over.items():
-            sec, key = k.split("__")
-            c.setdefault(sec, {})[key] = v
-        return c
 
-    _say(f"4/6 step 1 of Rho-1: reference model, CLM on clean text ({p['ref_steps']} steps, 2 processes, ZeRO-2)")
-    ref_cfg = cfg("reference", data__train=str(shards / "clean"), train__steps=p["ref_steps"])
-    _train(ref_cfg, root / "reference.yaml")
-    ref_dir = root / "reference_hf"
-    _megaslm("export", str(root / "runs" / "reference"), "--out", str(ref_dir))
+def phase_reference(d: Demo) -> None:
+    _phase(f"step 1 of Rho-1: reference model, CLM on clean text ({d.p['ref_steps']} steps, 2 processes, ZeRO-2)")
+    _train(run_config(d, "reference", data__train=d.path("shards", "clean"), train__steps=d.p["ref_steps"]),
+           d.root / "reference.yaml")
+    _megaslm("export", d.path("runs", "reference"), "--out", d.path("reference_hf"))
 
-    _say(f"5/6 step 3 of Rho-1: CLM baseline and SLM (ratio 0.6) on the noisy corpus ({p['steps']} steps each)")
-    common = dict(data__train=str(shards / "noisy"), data__track_sources=True, train__steps=p["steps"])
-    _train(cfg("baseline_clm", **common), root / "baseline_clm.yaml")
+
+def _noisy(d: Demo) -> dict:
+    return dict(data__train=d.path("shards", "noisy"), data__track_sources=True, train__steps=d.p["steps"])
+
+
+def phase_baseline(d: Demo) -> None:
+    _phase(f"step 3 of Rho-1, baseline: CLM on the noisy corpus ({d.p['steps']} steps)")
+    _train(run_config(d, "baseline_clm", **_noisy(d)), d.root / "baseline_clm.yaml")
+
+
+def phase_slm(d: Demo) -> None:
+    _phase(f"step 3 of Rho-1: SLM (ratio {d.p.get('ratio', 0.6)}) on the noisy corpus, same init, token order and "
+         f"budget as the baseline ({d.p['steps']} steps)")
     # The SLM run keeps a checkpoint every fifth of the run for `megaslm analyze dynamics`.
-    slm_cfg = {**cfg("slm", **common, train__keep_checkpoints=0, train__save_every=max(1, p["steps"] // 5)),
-               "objective": "slm", "slm": {"ratio": 0.6, "scope": "global"},
-               "reference": {"path": str(ref_dir), "placement": "auto"}}
-    _train(slm_cfg, root / "slm.yaml")
-    _megaslm("export", str(root / "runs" / "slm"), "--out", str(root / "slm_hf"))
+    cfg = {**run_config(d, "slm", **_noisy(d), train__keep_checkpoints=0, train__save_every=max(1, d.p["steps"] // 5)),
+           "objective": "slm", "slm": {"ratio": d.p.get("ratio", 0.6), "scope": "global"},
+           "reference": {"path": d.path("reference_hf"), "placement": "auto"}}
+    _train(cfg, d.root / "slm.yaml")
+    _megaslm("export", d.path("runs", "slm"), "--out", d.path("slm_hf"))
 
-    _say("6/6 looking at the selection (megaslm analyze) and writing the report (megaslm report)")
-    report = write_report(root, p, time.time() - t_start, _analyze(root, p))
-    _say(f"done in {time.time() - t_start:.0f} s. Report: {report}")
-    _say(f"plot: {root / 'val_loss.png'}; runs: {root / 'runs'}; exported SLM model: {root / 'slm_hf'}")
+
+def phase_analysis(d: Demo) -> None:
+    import torch
+
+    _phase("looking at the selection (megaslm analyze tokens, analyze dynamics)")
+    # One thread, as each training process has (OMP_NUM_THREADS=1): on 2 cores shared with other jobs, two
+    # threads made the scoring ten times slower (30 s against 2.9 s for the same 4 batches), since a thread
+    # that loses its core stalls the other at every operation.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _analyze(d.root, d.p)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def phase_report(d: Demo) -> None:
+    _phase("writing the report (megaslm report)")
+    report = write_report(d.root, d.p, d.elapsed(), _load_analysis(d.root))
+    _say(f"done in {d.elapsed():.0f} s. Report: {report}")
+    _say(f"plot: {d.root / 'val_loss.png'}; runs: {d.root / 'runs'}; exported SLM model: {d.root / 'slm_hf'}")
+
+
+# In order; a phase that is done (recorded in demo.json) is skipped when the same demo is run again. The report's
+# wall time counts every phase before it.
+PHASES = [("corpora", phase_corpora), ("tokenizer", phase_tokenizer), ("shards", phase_shards),
+          ("reference", phase_reference), ("baseline", phase_baseline), ("slm", phase_slm),
+          ("analysis", phase_analysis), ("report", phase_report)]
+
+
+def run_demo(out: str | None = None, quick: bool = False, steps: int | None = None, seed: int = 0) -> int:
+    t_start = time.time()
+    ident = demo_settings(quick, steps, seed)
+    root = Path(out or DEFAULT_DIRS[ident["variant"]]).resolve()
+    state = claim(root, ident)
+    if state.get("complete"):
+        _say(f"{root} already holds {_describe(ident)}, finished in {state.get('elapsed_s', 0):.0f} s: report "
+             f"{root / 'report.md'}. Nothing to do (remove the directory, or pass --out, to run it again)")
+        return 0
+    done = list(state.get("phases_done", []))
+    if done:
+        _say(f"continuing {_describe(ident)} in {root} (done before: {', '.join(done)})")
+    root.mkdir(parents=True, exist_ok=True)
+    d = Demo(root, ident, state, t_start)
+    d.save(phases_done=done, complete=False)
+    todo = [(name, fn) for name, fn in PHASES if name not in done]
+    for i, (name, fn) in enumerate(PHASES, 1):
+        if name in done:
+            continue
+        _step[0] = f"{i}/{len(PHASES)} "
+        try:
+            fn(d)
+        except StepFailed as e:
+            _say(f"error: phase '{name}' stopped: `{e.what}` exited with code {e.code} (its error is above); "
+                 f"the phases done are kept: run the same command again to continue from '{name}'")
+            return e.code if 0 < e.code < 128 else 1
+        done.append(name)
+        d.save(phases_done=done, complete=name == todo[-1][0])
     return 0
+
+
+def _machine() -> str:
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return f"{os.cpu_count()} CPU cores{load}"
 
 
 def _demo_preface(root: Path, p: dict, val: dict, elapsed: float, analysis: dict) -> list[str]:
@@ -126,7 +318,7 @@ def _demo_preface(root: Path, p: dict, val: dict, elapsed: float, analysis: dict
     b, s = final("baseline_clm"), final("slm")
     verdict = ("lower" if s < b else "higher") + f" than the baseline's by {abs(b - s):.4f} nats/token"
     lines = [
-        f"Wall time {elapsed:.0f} s. Tiny Llama ({p['seq_len']} tokens/sequence, micro-batch {p['micro_batch']} x 2 "
+        f"Wall time {elapsed:.0f} s, every phase from the corpora to this report, on {_machine()}. Tiny Llama ({p['seq_len']} tokens/sequence, micro-batch {p['micro_batch']} x 2 "
         f"processes, ZeRO-2, gloo). Reference: {p['ref_steps']} steps on clean prose; CLM and SLM: {p['steps']} "
         "steps each on the noisy corpus, same init and same token order.", "",
         "## Held-out loss on clean text (lower is better)", "",
@@ -166,6 +358,13 @@ def _analyze(root: Path, p: dict) -> dict:
     dynamics = analyze_dynamics(str(root / "runs" / "slm"), [str(root / "shards" / "valid")], str(out / "dynamics"),
                                 reference=str(root / "reference_hf"), n_tokens=p["dynamics_tokens"])
     return {"tokens": tokens, "dynamics": dynamics}
+
+
+def _load_analysis(root: Path) -> dict:
+    """The summaries `analyze tokens` and `analyze dynamics` wrote (the report phase may run in a later call)."""
+    files = {"tokens": root / "analysis" / "tokens" / "summary.json",
+             "dynamics": root / "analysis" / "dynamics" / "dynamics.json"}
+    return {k: json.loads(f.read_text()) for k, f in files.items() if f.is_file()}
 
 
 def write_report(root: Path, p: dict, elapsed: float, analysis: dict | None = None) -> Path:

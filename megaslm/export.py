@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from megaslm.atomic import umask
 from megaslm.errors import UserError
 from megaslm.parallel.tensor import consolidate_tp_checkpoint, merge_tp_shards, read_layout
 from megaslm.train import manifest
@@ -29,7 +30,10 @@ def _rank_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+        from megaslm.quiet import ZERO_TO_FP32, dropping_lines
+
+        with dropping_lines(ZERO_TO_FP32):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
     else:  # no ZeRO partitions: the module weights are in the model-states file
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
@@ -133,6 +137,9 @@ def export(run_dir: str, out: str, tag: str | None = None) -> Path:
     dest = Path(out)
     tmp = dest.with_name(dest.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" for one small file
     model.save_pretrained(tmp, safe_serialization=True)
     tok = find_tokenizer(run)
     if tok:
@@ -141,6 +148,9 @@ def export(run_dir: str, out: str, tag: str | None = None) -> Path:
         load_tokenizer(tok).save_pretrained(str(tmp))
     (tmp / "megaslm_export.json").write_text(json.dumps({"run_dir": str(run.resolve()), "tag": tag,
                                                           "tokenizer": tok}, indent=2))
+    for f in tmp.rglob("*"):  # safetensors writes model.safetensors 0600, whatever the umask
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~umask())
     old = dest.with_name(dest.name + ".old-export")
     if dest.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -1,5 +1,8 @@
 """Metrics sinks, rank 0 only: console lines, RUN_DIR/metrics.jsonl, and wandb.
 
+Every logged step also gets `elapsed_s` (since this process started training) and `eta_s` (the steps left at
+the pace of the recent ones, see Progress), and its console line ends with `elapsed HH:MM:SS | eta HH:MM:SS`.
+
 A resumed run (after preemption or a crash) keeps one history: metrics.jsonl drops records past the step it
 resumed from, and wandb continues the same run through the id stored in RUN_DIR/wandb_id.
 """
@@ -12,6 +15,7 @@ import os
 import sys
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 # Dense bf16 peak TFLOP/s per device, for the MFU estimate (override with train.peak_tflops).
@@ -43,6 +47,39 @@ def _clean(v):
     return v
 
 
+def hms(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Elapsed time and the time left, from the pace of the last `window` steps (or units of work).
+
+    The window spans whole evaluation/checkpoint periods where the caller sizes it so (Monitor: the largest of
+    eval_every, save_every and 4 log intervals), so their cost is in the pace without one of them swinging it.
+    Recent rather than overall pace: the first steps are slow (warm-up, allocator, caches) and a resumed run's
+    earlier attempt is not this process's speed."""
+
+    def __init__(self, total: int, start: int = 0, window: int = 20, clock=time.monotonic):
+        self.total, self.window, self.clock = total, max(1, window), clock
+        self.t0 = clock()
+        self.marks: deque[tuple[float, int]] = deque([(self.t0, start)])
+
+    def update(self, done: int) -> tuple[float, float]:
+        """(elapsed seconds, estimated seconds left) once `done` of `total` are done."""
+        now = self.clock()
+        self.marks.append((now, done))
+        while len(self.marks) > 2 and done - self.marks[1][1] >= self.window:
+            self.marks.popleft()
+        (t_a, a), (t_b, b) = self.marks[0], self.marks[-1]
+        pace = (t_b - t_a) / (b - a) if b > a else 0.0
+        return now - self.t0, pace * max(0, self.total - done)
+
+    def text(self, done: int) -> str:
+        elapsed, left = self.update(done)
+        return f"elapsed {hms(elapsed)} | eta {hms(left)}"
+
+
 class Monitor:
     def __init__(self, run_dir: str, cfg, enabled: bool, resume_step: int, run_config: dict):
         self.enabled = enabled
@@ -68,6 +105,9 @@ class Monitor:
                                     name=cfg.wandb.name or cfg.run.name or self.run_dir.name,
                                     group=cfg.wandb.group, tags=cfg.wandb.tags or None, id=run_id, resume="allow",
                                     mode=mode, dir=str(self.run_dir), config=run_config)
+        t = cfg.train  # the clock starts once wandb is up: training starts next
+        self.progress = Progress(t.steps, resume_step, window=max(t.eval_every or 0, t.save_every or 0,
+                                                                  4 * (t.log_every or 1)))
 
     def _truncate_after(self, step: int) -> None:
         """Keep one line per step: drop records a crashed or preempted attempt wrote after its last checkpoint."""
@@ -89,6 +129,10 @@ class Monitor:
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
+        if "step" in record:
+            record["elapsed_s"], record["eta_s"] = self.progress.update(record["step"])
+            if console:
+                console += f" | elapsed {hms(record['elapsed_s'])} | eta {hms(record['eta_s'])}"
         self._file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             step = record.get("step")

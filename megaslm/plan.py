@@ -293,16 +293,27 @@ def render(name: str, p: dict) -> str:
     return "\n".join(lines)
 
 
-TABLE_HEADER = ("| config | model | objective | GPUs | memory/device GiB | tokens/step | tokens | FLOPs/token | "
+TABLE_HEADER = ("| config | model | objective | GPUs | memory/GPU GiB | tokens/step | tokens | FLOPs/token | "
                 "time h | GPU-hours |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
+def binary_count(n: float) -> str:
+    """2097152 -> '2Mi', 262144 -> '256Ki' (three significant digits)."""
+    for unit, size in (("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
 def table_row(name: str, p: dict) -> str:
-    m, ref = p["model"], p["reference"]
-    obj = "CLM" if ref is None else f"SLM {ref['placement']}"
+    """One row under TABLE_HEADER; the README's cost table is these rows, pasted."""
+    m, ref, hw = p["model"], p["reference"], p["hardware"]
+    obj = ("CLM" if ref is None else "SLM, cached reference" if ref["placement"] == "cache"
+           else f"SLM, reference {ref['placement']}")
+    nodes = f"{hw['nodes']} node{'s' if hw['nodes'] > 1 else ''}"
     extra = f" (+{p['score_gpu_hours']:,.0f} scoring)" if p["score_gpu_hours"] else ""
-    return (f"| {name} | {m['params'] / 1e9:.2f}B | {obj} | {p['hardware']['gpus']} | "
-            f"{p['memory_total_bytes'] / GIB:.1f} | {p['tokens_per_step'] / 2**20:.0f}Mi | "
+    return (f"| {name} ({nodes}, ZeRO-{p['zero_stage']}) | {m['params'] / 1e9:.2f}B | {obj} | {hw['gpus']} | "
+            f"{p['memory_total_bytes'] / GIB:.1f} | {binary_count(p['tokens_per_step'])} | "
             f"{p['total_tokens'] / 1e9:.1f}B | {p['flops_per_token']['total'] / 1e9:.1f}G | {p['time_hours']:.1f} | "
             f"{p['gpu_hours']:,.0f}{extra} |")
 

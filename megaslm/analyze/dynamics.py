@@ -132,12 +132,16 @@ def plot(rows: list[dict], selection: list[dict] | None, path: Path, title: str)
 
 
 def _score_checkpoints(run: Path, tags: list[str], windows, eos: int, batch_size: int) -> np.ndarray:
-    out = []
+    from megaslm.monitor import Progress
+
+    out, progress = [], Progress(len(tags), window=3)
     for i, tag in enumerate(tags):
-        print(f"megaslm: scoring checkpoint {tag} ({i + 1}/{len(tags)})", flush=True)
+        when = f" | {progress.text(i)}" if i else ""  # the ETA needs one checkpoint's pace
+        print(f"megaslm: scoring checkpoint {tag} ({i + 1}/{len(tags)}){when}", flush=True)
         scorer = load_scorer(str(run), pick_device(), tag=tag)
         out.append(np.concatenate(score_windows(scorer, windows, batch_size, eos, tag)))
         release(scorer)
+    print(f"megaslm: scored {len(tags)} checkpoints | {progress.text(len(tags))}", flush=True)
     return np.stack(out)
 
 

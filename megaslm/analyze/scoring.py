@@ -59,6 +59,9 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
 
 def load_scorer(spec: str, device: torch.device | None = None, tag: str | None = None) -> Scorer:
     """The model named by `spec` (a run directory, or a Hugging Face directory), ready to score on `device`."""
+    from megaslm.parallel.dist import quiet_libraries
+
+    quiet_libraries()  # transformers' "Loading weights" bar, twice per analysis, for a fraction of a second
     device = device or pick_device()
     path = Path(spec)
     if not path.is_dir():

@@ -87,9 +87,12 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
+    from megaslm.quiet import DEEPSPEED_OP_LOADED, dropping_lines
+
     ds_logger.setLevel("WARNING")
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False,
-                               timeout=timedelta(minutes=int(os.environ.get("MEGASLM_DIST_TIMEOUT_MIN", "30"))))
+    with dropping_lines(DEEPSPEED_OP_LOADED):  # "... shm_comm_op built successfully", on every rank, every launch
+        deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=int(os.environ.get("MEGASLM_DIST_TIMEOUT_MIN", "30"))))
 
 
 def device() -> torch.device:

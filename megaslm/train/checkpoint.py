@@ -15,12 +15,17 @@ Loading (`resume`): `train.resume_from` is `latest` (the pointer's tag, then old
 failed check or a failed load is reported in one line naming the file and the next candidate is tried. A load
 that fails half-way may have left the engine half-loaded: that is only accepted if a later candidate then loads
 completely (every part DeepSpeed loads is overwritten by a full load); otherwise the run stops.
+A checkpoint that is intact but holds another configuration's model (tensor shapes or names differ: another
+vocabulary, width, depth) is no damage: the run stops at once with one line naming the differing tensor, the
+config of the run that wrote it (RUN_DIR/config.yaml, still the old one at that point) and how it differs from
+this config, and the two ways on (`train.resume_from=none`, or a new `run.dir`).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -237,9 +242,10 @@ def candidates(ckpt_root: Path, resume_from: str) -> list[str]:
     return [newest, *sorted((t for t in list_tags(ckpt_root) if t < newest), reverse=True)]
 
 
-def resume(engine, ckpt_root: Path, resume_from: str, say) -> dict | None:
+def resume(engine, ckpt_root: Path, resume_from: str, say, config: dict | None = None) -> dict | None:
     """Load the first candidate that verifies and loads on every rank; its client state (with "tag"), or None
-    when there is nothing to resume. `say(line)` prints on rank 0. Raises UserError if no candidate loads."""
+    when there is nothing to resume. `say(line)` prints on rank 0. Raises UserError if no candidate loads, or
+    at once if one is another configuration's (`config`, this run's resolved config, names the differences)."""
     ckpt_root = Path(ckpt_root)
     if resume_from == "none":
         _forget(ckpt_root, say)
@@ -252,7 +258,9 @@ def resume(engine, ckpt_root: Path, resume_from: str, say) -> dict | None:
             say(f"megaslm: checkpoint {tag} has no manifest (written before megaslm recorded them): "
                 f"loading it without verification")
         if problem is None:
-            state, problem = _try_load(engine, ckpt_root, tag)
+            state, problem, other_config = _try_load(engine, ckpt_root, tag)
+            if other_config:
+                raise UserError(other_config_message(ckpt_root, tag, problem, config))
             if problem is None:
                 _settle(ckpt_root, tag, tags, say)
                 return state
@@ -277,13 +285,79 @@ def _forget(ckpt_root: Path, say) -> None:
         (ckpt_root / POINTER).unlink(missing_ok=True)
 
 
-def _try_load(engine, ckpt_root: Path, tag: str) -> tuple[dict | None, str | None]:
+def _try_load(engine, ckpt_root: Path, tag: str) -> tuple[dict | None, str | None, bool]:
+    """(client state, problem, whether the problem is another configuration's model rather than damage)."""
+    outcome = None
     try:
-        state, problem = _load(engine, ckpt_root, tag), None
+        state = _load(engine, ckpt_root, tag)
     except Exception as e:  # noqa: BLE001 - any failure inside DeepSpeed's load is reported the same way
         state = None
-        problem = manifest.diagnose(ckpt_root / tag) or f"loading failed: {type(e).__name__}: {e}"
-    return state, _agree(problem)
+        damage = manifest.diagnose(ckpt_root / tag)
+        shapes = None if damage else model_mismatch(e)
+        outcome = (damage or shapes or f"loading failed: {type(e).__name__}: {e}", shapes is not None)
+    agreed = _agree(outcome, name_rank=False)
+    return (state, None, False) if agreed is None else (None, *agreed)
+
+
+_SIZE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+                   r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+_KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: ((?:\"[\w.]+\"(?:, )?)+)")
+_VOCAB = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight")
+
+
+def model_mismatch(e: BaseException) -> str | None:
+    """What torch's load_state_dict error says differs between the checkpoint's model and this one (a tensor's
+    shape, a parameter only one of them has), in a short phrase; None for any other failure."""
+    text = str(e)
+    m = _SIZE.search(text)
+    if m:
+        name, there, here = m.group(1), m.group(2), m.group(3)
+        phrase = f"{name} is [{there}] in the checkpoint, [{here}] in this run's model"
+        if name.endswith(_VOCAB):
+            phrase = f"vocabulary {there.split(',')[0]} there, {here.split(',')[0]} here ({phrase})"
+        return phrase
+    m = _KEYS.search(text)
+    if m:
+        keys = m.group(2).split(", ")
+        where = "this run's model lacks" if m.group(1) == "Unexpected" else "the checkpoint lacks"
+        return f"{where} {keys[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''} (another architecture)"
+    return None
+
+
+def _config_differences(saved: Path, config: dict | None, limit: int = 4) -> str:
+    """'key a -> b, ...' between the config saved with the old run and this run's, or '' if either is missing."""
+    import yaml
+
+    if config is None or not saved.is_file():
+        return ""
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(old)), dict(flat(config))
+    diffs = [f"{k} {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k) and not k.startswith(("run.", "train.resume_from"))]
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
+
+
+def other_config_message(ckpt_root: Path, tag: str, what: str, config: dict | None) -> str:
+    run_dir = Path(ckpt_root).parent
+    saved = run_dir / "config.yaml"
+    diffs = _config_differences(saved, config)
+    then = f"; that config -> this one: {diffs}" if diffs else ""
+    return (f"checkpoint {tag} in {ckpt_root} belongs to another configuration, not to this one (it is not "
+            f"damaged): {what}. It was written by the run configured in {saved}{then}. Set train.resume_from=none "
+            f"to start over in {run_dir} (its checkpoints are replaced as the new run saves), or set run.dir to a "
+            f"new directory to keep them")
 
 
 def _load(engine, ckpt_root: Path, tag: str) -> dict:

@@ -103,7 +103,7 @@ class Trainer:
         self.states.register_callbacks(self.callbacks)
 
         self.step = 0
-        state = checkpoint.resume(self.engine, self.ckpt_root, cfg.train.resume_from, self._say)
+        state = checkpoint.resume(self.engine, self.ckpt_root, cfg.train.resume_from, self._say, cfg.to_dict())
         if state is not None:
             self.step = int(state["step"])
             self.states.load_state_dict(state)
