@@ -30,7 +30,7 @@ import torch.distributed as dist
 # log-sum-exp over every vocabulary block). Bounded by this budget, but never below FUSED_MIN_TOKENS tokens, under
 # which the matmuls get thin and every chunk re-reads the weight and re-adds the fp32 weight gradient (CPU
 # measurements in docs/loss_head.md).
-FUSED_BUDGET_BYTES = 256 * 2**20
+FUSED_BUDGET_BYTES = 64 * 2**20
 FUSED_MIN_TOKENS = 256
 
 

@@ -307,7 +307,11 @@ class Trainer:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         extra = model_inputs(batch, self.device)
-        token_loss = corrupt_loss(self.engine(input_ids, labels, **extra), self.step + 1, self.rank)  # FAULT only
+        # cost: CLM (and SLM before slm.start_step) backpropagates a scalar times the labelled tokens' losses, known
+        # before the forward: the loss head forms its gradients in the forward (3 head matmuls, no recompute).
+        fused = objective == "clm"
+        token_loss = corrupt_loss(self.engine(input_ids, labels, **extra, fused=fused), self.step + 1,
+                                  self.rank)  # FAULT only
         ref_loss = None
         if self.reference is not None and objective == "slm":
             ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"],
