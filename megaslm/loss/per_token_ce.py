@@ -78,7 +78,9 @@ def per_token_ce(
     `r * grad_weights` for one scalar r (CLM: the labelled tokens; r is the normaliser). The head's gradients
     are then formed in the forward (fused_ce.py); an incoming gradient of another shape gives NaN gradients.
     Only used when a gradient will be taken. fused_chunk: tokens per chunk on that path (None:
-    `fused_chunk_tokens`); chunk_size, vocab_block and keep_bytes keep their meaning elsewhere.
+    `fused_chunk_tokens`); its vocabulary block is vocab_block when given, else at least FUSED_MIN_VOCAB_BLOCK
+    (the chunk's tiles are held together anyway: larger blocks cost no memory there). chunk_size and keep_bytes
+    are not used on that path.
     vocab_range: (first vocabulary id of this rank's rows, full vocabulary size) under tp_group; None derives
     it with one all-reduce of the row counts per call (callers in the step loop pass it: vocab_range_of).
     check_labels: raise on a label outside the vocabulary (one host sync). False: no sync; such a token's loss
@@ -103,6 +105,7 @@ def per_token_ce(
         vocab_start, vocab_size = 0, weight.shape[0]
     if chunk_size is None:
         chunk_size = max(1, labels.numel())
+    block_given = vocab_block is not None
     if vocab_block is None:
         vocab_block = default_vocab_block(hidden.shape[-1])
     # Kept blocks only pay off when backward runs; the reference model's no-grad call never keeps.
@@ -120,7 +123,7 @@ def per_token_ce(
         )
     hidden_flat = hidden.reshape(-1, hidden.shape[-1])
     if grad_weights is not None and grad_wanted:
-        from .fused_ce import FusedLinearCE, fused_chunk_tokens
+        from .fused_ce import FUSED_MIN_VOCAB_BLOCK, FusedLinearCE, fused_chunk_tokens
 
         if grad_weights.shape != labels.shape:
             raise ValueError(f"per_token_ce: grad_weights {tuple(grad_weights.shape)} does not match labels "
@@ -128,8 +131,9 @@ def per_token_ce(
         if fused_chunk is not None and fused_chunk < 1:
             raise ValueError(f"per_token_ce: fused_chunk must be >= 1, got {fused_chunk}")
         chunk = fused_chunk or fused_chunk_tokens(labels_flat.numel(), weight.shape[0])
+        block = vocab_block if block_given else max(vocab_block, FUSED_MIN_VOCAB_BLOCK)
         loss = FusedLinearCE.apply(hidden_flat, weight, labels_flat, valid, grad_weights.reshape(-1).float(),
-                                   max(1, chunk), vocab_block, tp_group, vocab_start)
+                                   max(1, chunk), block, tp_group, vocab_start)
     else:
         loss = _ChunkedLinearCE.apply(hidden_flat, weight, labels_flat, valid, chunk_size, vocab_block, tp_group,
                                       vocab_start, keep_blocks)
