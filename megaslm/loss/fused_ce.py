@@ -32,10 +32,9 @@ import torch.distributed as dist
 # measurements in docs/loss_head.md).
 FUSED_BUDGET_BYTES = 64 * 2**20
 FUSED_MIN_TOKENS = 256
-# Vocabulary rows per tile on this path, unless the caller sets them: a chunk's tiles are all held at once, so a
-# larger block costs no memory and runs fewer, wider matmuls (CPU, 512 tokens x H 256 x V 32000: 128 rows 1.58 s,
-# 512-2048 rows 1.40-1.42 s, full logits 1.76 s; docs/loss_head.md).
-FUSED_MIN_VOCAB_BLOCK = 1024
+# Vocabulary rows per tile on this path (unless the caller sets them): per_token_ce.WIDE_VOCAB_BLOCK at least. A
+# chunk's tiles are all held at once, so a larger block costs no memory and runs fewer, wider matmuls (CPU, 2048
+# tokens in chunks of 512 x H 256 x V 32000: 128 rows 1.58 s, 512-2048 rows 1.40-1.42 s, full logits 1.76 s).
 
 
 def fused_chunk_tokens(n_tokens: int, vocab_rows: int, budget_bytes: int | None = None) -> int:

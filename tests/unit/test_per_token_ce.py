@@ -425,3 +425,24 @@ def test_shard_range_is_tensor_split():
         for r, p in enumerate(parts):
             start, rows = shard_range(vocab, world, r)
             assert rows == p.numel() and (rows == 0 or start == int(p[0]))
+
+
+def test_no_grad_and_fused_calls_use_wide_blocks(monkeypatch):
+    from megaslm.loss.per_token_ce import WIDE_VOCAB_BLOCK
+
+    widths = []
+    import importlib
+
+    ptc = importlib.import_module("megaslm.loss.per_token_ce")
+    real = ptc._chunk_logits
+    monkeypatch.setattr(ptc, "_chunk_logits", lambda h, w: widths.append(w.shape[0]) or real(h, w))
+    hidden, weight, labels, _ = _inputs((40,), 8, 3000, torch.float32)
+    with torch.no_grad():
+        per_token_ce(hidden, weight, labels)
+    assert max(widths) == WIDE_VOCAB_BLOCK
+    widths.clear()
+    (per_token_ce(hidden, weight, labels) * 1.0).sum().backward()  # the recompute path keeps the default
+    assert max(widths) == 128
+    widths.clear()
+    _fused(hidden, weight, labels, 0.5)
+    assert max(widths) == WIDE_VOCAB_BLOCK
