@@ -5,9 +5,11 @@ from .objective import StepNorm, compute_objective, plan_step, slm_ratio
 from .per_token_ce import per_token_ce
 from .selection import (
     NaNScoreError,
+    Selection,
     global_kth_largest,
     global_quantiles,
     num_to_keep,
+    select_on_device,
     select_tokens,
     select_tokens_with_threshold,
 )
@@ -22,6 +24,8 @@ __all__ = [
     "num_to_keep",
     "per_token_ce",
     "plan_step",
+    "Selection",
+    "select_on_device",
     "select_tokens",
     "select_tokens_with_threshold",
     "slm_ratio",
