@@ -5,8 +5,9 @@
     python bench/bench_loss_head.py --seq 1024 --batch 1 --hidden 512 --vocab 8000 --chunks auto 256 keep
     python bench/bench_loss_head.py --select 1.0 0.6 --rounds 3   # every token, and 60% selected (grad 0 elsewhere)
 
-Variants: naive (F.cross_entropy on full logits), `auto` (per_token_ce defaults), a chunk size, or `keep` (defaults
-plus a keep_bytes budget that holds every chunk's softmax: memory for speed). With `--select f` the upstream
+Variants: naive (F.cross_entropy on full logits), `auto` (per_token_ce defaults), a chunk size, `keep` (defaults
+plus a keep_bytes budget that holds every chunk's softmax: memory for speed), `fused` (the fused head: gradients
+formed in the forward, given the upstream gradient as per-token weights up front) or fN (fused, N-token chunks). With `--select f` the upstream
 gradient is nonzero on a random fraction f of the tokens (SLM), exactly 0 elsewhere; naive runs the same.
 Columns: "beyond w.grad / logits" is (peak - weight gradient) / one fp32 [tokens, vocab] tensor; "time vs naive"
 is against naive at the same --select. Rounds alternate the variants; the median is printed.
@@ -55,6 +56,9 @@ def child(variant: str, tokens: int, hidden_size: int, vocab: int, threads: int,
             loss = F.cross_entropy(h @ w.t(), y, reduction="none")
         elif variant == "keep":
             loss = per_token_ce(h, w, y, keep_bytes=4 * h.shape[0] * w.shape[0])
+        elif variant == "fused" or variant.startswith("f"):
+            chunk = None if variant == "fused" else int(variant[1:])
+            loss = per_token_ce(h, w, y, grad_weights=g, fused_chunk=chunk)
         elif variant.startswith("b"):
             loss = per_token_ce(h, w, y, vocab_block=int(variant[1:]))
         else:
@@ -81,7 +85,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--chunks", nargs="+", default=["auto", "keep"],
                     help="per_token_ce variants: 'auto' (defaults), 'keep' (memory for speed), a chunk size (tokens), "
-                         "or bN (vocab_block N)")
+                         "bN (vocab_block N), 'fused' or fN (fused head, N-token chunks)")
     ap.add_argument("--select", type=float, nargs="+", default=[1.0, 0.6],
                     help="fractions of tokens with a nonzero gradient")
     ap.add_argument("--rounds", type=int, default=3)
@@ -121,7 +125,7 @@ def main() -> None:
             naive = med["naive"]
             for v in variants:
                 r = med[v]
-                name = v if v in ("naive", "keep", "auto") or v.startswith("b") else f"chunk {v}"
+                name = v if v in ("naive", "keep", "auto") or v[0] in "bf" else f"chunk {v}"
                 print(f"{tokens:>7} {select:>6.2f} {name:>12} {r['peak_extra_mib']:>9.0f} {r['time_s']:>7.2f} "
                       f"{(r['peak_extra_mib'] - wgrad_mib) / logits_mib:>23.3f} "
                       f"{r['peak_extra_mib'] / naive['peak_extra_mib']:>12.2f}x "

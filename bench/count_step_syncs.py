@@ -2,6 +2,11 @@
 
     python bench/count_step_syncs.py                        # SLM (global scope) and CLM, 2 ranks, ZeRO-2
     python bench/count_step_syncs.py --baseline /tmp/main   # the same counts for another megaslm checkout
+    python bench/count_step_syncs.py --loop                 # also the hand-written loop of bench_vs_naive
+
+With --loop, the hand-written HF + DeepSpeed loop of bench/bench_vs_naive.py (clm; slm: ZeRO-0 reference engine,
+per-sequence topk) is counted the same way, under the same DeepSpeed config, and each table ends with
+megaslm's totals minus the loop's (every source counted: DeepSpeed's too).
 
 Each rank runs the real trainer with torch.distributed's collectives and the tensor methods that wait for a
 device (`item`, `tolist`, `__bool__`, `nonzero`) wrapped by counters. Counts are taken over steps after the first
@@ -46,11 +51,10 @@ def _caller() -> str:
 
 
 def worker(out: str, argv: list[str]) -> None:
-    """Run `megaslm <argv>` in this process with counters installed."""
+    """Run `megaslm <argv>` (or, for argv ["loop", objective, seq, mbs, steps, shards, model], the hand-written
+    loop) in this process with counters installed."""
     import torch
     import torch.distributed as dist
-
-    from megaslm.train import trainer as trainer_mod
 
     counts: list[collections.Counter] = [collections.Counter()]
 
@@ -68,17 +72,33 @@ def worker(out: str, argv: list[str]) -> None:
             wrap(dist, name, "collective")
     for name in SYNCS:
         wrap(torch.Tensor, name, "sync")
-    real_step = trainer_mod.Trainer.train_step
 
-    def step(self):
+    def new_step():
         counts.append(collections.Counter())  # everything from here to the next step's start is this step's
-        return real_step(self)
-
-    trainer_mod.Trainer.train_step = step
-    from megaslm.cli import main
 
     try:
-        main(argv)
+        if argv[0] == "loop":
+            import argparse
+
+            from bench_vs_naive import loop_worker
+
+            objective, seq, mbs, steps, shards, model = argv[1:7]
+            loop_worker(argparse.Namespace(objective=objective, seq=int(seq), mbs=int(mbs), steps=int(steps),
+                                           shards=shards, model=model, out=f"{out}.loop.json", step_hook=new_step))
+            counts.append(collections.Counter())  # the end of the last step
+        else:
+            from megaslm.train import trainer as trainer_mod
+
+            real_step = trainer_mod.Trainer.train_step
+
+            def step(self):
+                new_step()
+                return real_step(self)
+
+            trainer_mod.Trainer.train_step = step
+            from megaslm.cli import main
+
+            main(argv)
     finally:
         rank = int(os.environ.get("RANK", 0))
         steady = counts[2:-1]  # steps 2 .. n-1: not the first, not the last (checkpoint)
@@ -89,19 +109,36 @@ def worker(out: str, argv: list[str]) -> None:
         Path(f"{out}.{rank}").write_text(json.dumps(rows))
 
 
-def run(root: Path, shards: str, model: str, objective: str, repo: Path, steps: int) -> list:
+def run(root: Path, shards: str, model: str, objective: str, repo: Path, steps: int, loop: bool = False) -> list:
     from bench_vs_naive import launch, megaslm_config, torchrun
 
-    path = megaslm_config(root, shards, model, objective, 128, 2, steps, False, root / f"run_{objective}")
-    out = root / f"counts_{objective}"
-    launch(torchrun(str(Path(__file__).resolve()), "--worker", str(out), "train", str(path)), repo)
+    out = root / f"counts_{objective}{'_loop' if loop else ''}"
+    if loop:
+        argv = ["loop", objective, "128", "2", str(steps), shards, model]
+    else:
+        argv = ["train", str(megaslm_config(root, shards, model, objective, 128, 2, steps, False,
+                                            root / f"run_{objective}"))]
+    launch(torchrun(str(Path(__file__).resolve()), "--worker", str(out), *argv), repo)
     return json.loads(Path(f"{out}.0").read_text())
+
+
+def _print(rows: list, title: str) -> dict:
+    print(f"\n{title}")
+    totals = {}
+    for kind in ("collective", "sync"):
+        sel = sorted((r for r in rows if r[0] == kind), key=lambda r: (r[2], r[1]))
+        totals[kind] = sum(r[3] for r in sel)
+        print(f"  {kind}s: {totals[kind]:g}")
+        for _, name, where, n in sel:
+            print(f"    {n:6g}  {name:<24} {where}")
+    return totals
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", help="another megaslm checkout to count instead of this one")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--loop", action="store_true", help="also count the hand-written loop of bench_vs_naive")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     if args.worker:
@@ -116,12 +153,13 @@ def main() -> None:
         shards, model = make_setup(root)
         for objective in ("slm", "clm"):
             rows = run(root, shards, model, objective, repo, args.steps)
-            print(f"\n{objective.upper()} (global scope, ratio 0.6), rank 0, per step (steady state), checkout {repo}")
-            for kind in ("collective", "sync"):
-                sel = sorted((r for r in rows if r[0] == kind), key=lambda r: (r[2], r[1]))
-                print(f"  {kind}s: {sum(r[3] for r in sel):g}")
-                for _, name, where, n in sel:
-                    print(f"    {n:6g}  {name:<24} {where}")
+            ours = _print(rows, f"{objective.upper()} (global scope, ratio 0.6), rank 0, per step (steady state), "
+                                f"checkout {repo}")
+            if args.loop:
+                theirs = _print(run(root, shards, model, objective, repo, args.steps, loop=True),
+                                f"{objective.upper()}, the hand-written loop (bench_vs_naive), rank 0, per step")
+                print(f"  megaslm minus the loop: {ours['sync'] - theirs['sync']:+g} host syncs, "
+                      f"{ours['collective'] - theirs['collective']:+g} collectives")
 
 
 if __name__ == "__main__":

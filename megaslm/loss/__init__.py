@@ -5,9 +5,11 @@ from .objective import Objective, StepNorm, compute_objective, plan_step, slm_ra
 from .per_token_ce import per_token_ce
 from .selection import (
     NaNScoreError,
+    Selection,
     global_kth_largest,
     global_quantiles,
     num_to_keep,
+    select_on_device,
     select_tokens,
     select_tokens_with_threshold,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "num_to_keep",
     "per_token_ce",
     "plan_step",
+    "Selection",
+    "select_on_device",
     "select_tokens",
     "select_tokens_with_threshold",
     "slm_ratio",

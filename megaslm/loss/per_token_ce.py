@@ -19,6 +19,13 @@ equals full-logits autograd on the same mask (up to float summation order).
 
 Memory for speed (`keep_bytes`): the first tiles' exp-logits, up to `keep_bytes` in all, are kept from forward to
 backward and skip the recompute. 0 (the default) keeps nothing. docs/loss_head.md has the measurements.
+
+Fused (`grad_weights`): when the caller knows the per-token shape of the gradient before the forward (CLM: the
+labelled tokens, times one scalar that comes with the backward), the gradients are formed in the forward and
+nothing is recomputed: 3 head matmuls instead of 4 (megaslm/loss/fused_ce.py).
+
+Host syncs: none on the fused path and in the forward (with `check_labels=False`); the recompute backward sizes
+its compaction of the tokens that carry a gradient with one `nonzero` per token chunk.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ import torch.distributed as dist
 # (tokens x hidden_size / 2), but never fewer rows than this, below which the matmuls are too thin to run at speed
 # (docs/loss_head.md has the measurements).
 MIN_VOCAB_BLOCK = 128
+# Without a backward (the reference model) and on the fused path, blocks of at least this many rows (the tile
+# budget permitting) run fewer, wider matmuls; docs/loss_head.md.
+WIDE_VOCAB_BLOCK = 1024
+NO_GRAD_TILE_BYTES = 64 * 2**20
 
 
 def default_vocab_block(hidden_size: int) -> int:
@@ -49,6 +60,10 @@ def per_token_ce(
     vocab_block: int | None = None,
     keep_bytes: int = 0,
     with_entropy: bool = False,
+    grad_weights: torch.Tensor | None = None,
+    fused_chunk: int | None = None,
+    vocab_range: tuple[int, int] | None = None,
+    check_labels: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Float32 cross-entropy of every position, shaped like `labels`.
 
@@ -66,6 +81,18 @@ def per_token_ce(
     recompute), in order; only used when a gradient will be taken. The logits matmul then runs 3 times, not 4.
     with_entropy: also return the predictive entropy -sum(p log p) of every position (0 where ignored), from the
     same online softmax (one more running sum per token, no extra collective; no gradient flows through it).
+    grad_weights: [...] like labels (float or bool): the caller promises that the gradient reaching the losses is
+    `r * grad_weights` for one scalar r (CLM: the labelled tokens; r is the normaliser). The head's gradients
+    are then formed in the forward (fused_ce.py); an incoming gradient of another shape gives NaN gradients.
+    Only used when a gradient will be taken. fused_chunk: tokens per chunk on that path (None:
+    `fused_chunk_tokens`); its vocabulary block is vocab_block when given, else at least WIDE_VOCAB_BLOCK
+    (the chunk's tiles are held together anyway: larger blocks cost no memory there). chunk_size and keep_bytes
+    are not used on that path, nor with with_entropy (the entropy score is SLM's: its weights come after the
+    forward).
+    vocab_range: (first vocabulary id of this rank's rows, full vocabulary size) under tp_group; None derives
+    it with one all-reduce of the row counts per call (callers in the step loop pass it: vocab_range_of).
+    check_labels: raise on a label outside the vocabulary (one host sync). False: no sync; such a token's loss
+    is NaN instead (the trainer's labels come from shards checked against the model's vocabulary).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"per_token_ce: hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
@@ -81,33 +108,72 @@ def per_token_ce(
         raise ValueError(f"per_token_ce: keep_bytes must be >= 0, got {keep_bytes}")
 
     if tp_group is not None:
-        vocab_start, vocab_size = _vocab_range(weight.shape[0], tp_group, weight.device)
+        vocab_start, vocab_size = vocab_range or _vocab_range(weight.shape[0], tp_group, weight.device)
     else:
         vocab_start, vocab_size = 0, weight.shape[0]
     if chunk_size is None:
         chunk_size = max(1, labels.numel())
-    if vocab_block is None:
-        vocab_block = default_vocab_block(hidden.shape[-1])
+    block_given = vocab_block is not None
     # Kept blocks only pay off when backward runs; the reference model's no-grad call never keeps.
     grad_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if vocab_block is None:
+        vocab_block = default_vocab_block(hidden.shape[-1])
+        if not grad_wanted:  # no backward: a wider transient tile, up to 64 MiB (CPU: -26% at H 256, V 32000)
+            vocab_block = max(vocab_block, min(WIDE_VOCAB_BLOCK, NO_GRAD_TILE_BYTES // (4 * chunk_size)))
     keep_blocks = keep_bytes // (4 * chunk_size * vocab_block) if grad_wanted else 0
 
     labels_flat = labels.reshape(-1)
     valid = labels_flat != ignore_index
     # A label outside the vocabulary would silently read another token's logit under vocab sharding.
     bad = valid & ((labels_flat < 0) | (labels_flat >= vocab_size))
-    if bool(bad.any()):  # host sync: once per call, to raise before any collective
+    if check_labels and bool(bad.any()):  # host sync: once per call, to raise before any collective
         raise ValueError(
             f"per_token_ce: label {int(labels_flat[bad][0])} outside the vocabulary [0, {vocab_size}) "
             "(tokenizer and model vocabulary differ?)"
         )
-    loss, entropy = _ChunkedLinearCE.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels_flat, valid, chunk_size, vocab_block, tp_group,
-        vocab_start, keep_blocks, with_entropy,
-    )
+    hidden_flat = hidden.reshape(-1, hidden.shape[-1])
+    entropy = None
+    if grad_weights is not None and grad_wanted and not with_entropy:
+        from .fused_ce import FusedLinearCE, fused_chunk_tokens
+
+        if grad_weights.shape != labels.shape:
+            raise ValueError(f"per_token_ce: grad_weights {tuple(grad_weights.shape)} does not match labels "
+                             f"{tuple(labels.shape)}")
+        if fused_chunk is not None and fused_chunk < 1:
+            raise ValueError(f"per_token_ce: fused_chunk must be >= 1, got {fused_chunk}")
+        chunk = fused_chunk or fused_chunk_tokens(labels_flat.numel(), weight.shape[0])
+        block = vocab_block if block_given else max(vocab_block, WIDE_VOCAB_BLOCK)
+        loss = FusedLinearCE.apply(hidden_flat, weight, labels_flat, valid, grad_weights.reshape(-1).float(),
+                                   max(1, chunk), block, tp_group, vocab_start)
+    else:
+        loss, entropy = _ChunkedLinearCE.apply(hidden_flat, weight, labels_flat, valid, chunk_size, vocab_block,
+                                               tp_group, vocab_start, keep_blocks, with_entropy)
+    if not check_labels:  # no sync: an out-of-vocabulary label makes its loss NaN (the skip guard sees it)
+        loss = torch.where(bad, float("nan"), loss)
     if with_entropy:
         return loss.view(labels.shape), entropy.view(labels.shape)
     return loss.view(labels.shape)
+
+
+def shard_range(vocab_size: int, group_size: int, rank: int) -> tuple[int, int]:
+    """(first vocabulary id, rows) of rank `rank` when the head's rows are split like `torch.tensor_split`
+    (DeepSpeed AutoTP's vocab-parallel head): arithmetic, no collective."""
+    base, extra = divmod(vocab_size, group_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def vocab_range_of(head: torch.nn.Module, weight: torch.Tensor, vocab_size: int,
+                   group: dist.ProcessGroup) -> tuple[int, int]:
+    """(first vocabulary id of this rank's rows, full vocabulary size) for per_token_ce's vocab_range, without a
+    collective: DeepSpeed's `vocab_start_index` when the head records it, else the tensor_split layout. Raises if
+    this rank's row count does not fit the layout."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    start, rows = shard_range(vocab_size, world, rank)
+    start = int(getattr(head, "vocab_start_index", start))
+    if weight.shape[0] != rows and not hasattr(head, "vocab_start_index"):
+        raise RuntimeError(f"tensor parallel: rank {rank} holds {weight.shape[0]} head rows, the tensor_split "
+                           f"layout of {vocab_size} over {world} ranks gives {rows}")
+    return start, vocab_size
 
 
 def _vocab_range(local_rows: int, group: dist.ProcessGroup, device: torch.device) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from megaslm.errors import UserError
 from megaslm.loss import per_token_ce
+from megaslm.loss.per_token_ce import vocab_range_of
 from megaslm.model.describe import count_params, describe_module  # noqa: F401 (count_params re-exported)
 from megaslm.model.presets import preset_config
 
@@ -80,6 +81,10 @@ class TokenLossModel(nn.Module):
 
     chunk_size, vocab_block, keep_bytes: the loss head's tiling and memory-for-speed budget (see per_token_ce;
     the config's `loss_head` section). Nothing is kept when no gradient is taken (the reference model).
+    forward(..., fused=True): the caller will backpropagate `c * sum of the labelled tokens' losses` for one
+    scalar c (CLM, SLM before slm.start_step): the head forms its gradients in the forward (fused_ce.py, 3 head
+    matmuls instead of 4). Labels are not range-checked here (no host sync): the shards' vocabulary was checked
+    against the model's when the run started; a label outside it would give a NaN loss.
     """
 
     def __init__(self, lm: nn.Module, tp_group=None, chunk_size: int | None = None, zero3: bool = False, *,
@@ -91,6 +96,7 @@ class TokenLossModel(nn.Module):
         # DeepSpeed AutoTP installs its own vocab-parallel loss on this hook when the head is vocab-sharded; it must
         # exist and be writable. It is never called: the loss is per_token_ce below.
         self.loss_function = None
+        self._vocab_range = None  # (first id of this rank's head rows, full vocabulary), set on the first call
         if zero3:
             import deepspeed
 
@@ -98,9 +104,10 @@ class TokenLossModel(nn.Module):
             deepspeed.zero.register_external_parameter(self, lm_head_weight(lm))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                head_outputs: tuple[str, ...] = ()):
+                head_outputs: tuple[str, ...] = (), fused: bool = False):
         """head_outputs: extra per-token outputs of the loss head, ("entropy",) or (); when any is asked for, the
-        result is (losses, {name: [B, T]})."""
+        result is (losses, {name: [B, T]}). fused: the caller backpropagates a scalar times the labelled tokens'
+        losses (CLM), so the head forms its gradients in the forward (3 head matmuls, no recompute)."""
         # position_ids that restart at document starts make transformers build a block-diagonal causal mask
         # (its packed-sequence path): document masking with the model untouched.
         hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids,
@@ -108,9 +115,14 @@ class TokenLossModel(nn.Module):
         unknown = set(head_outputs) - {"entropy"}
         if unknown:
             raise ValueError(f"the loss head has no output {sorted(unknown)} (it has: entropy)")
-        out = per_token_ce(hidden, lm_head_weight(self.lm), labels, chunk_size=self.chunk_size,
-                           tp_group=self.tp_group, vocab_block=self.vocab_block, keep_bytes=self.keep_bytes,
-                           with_entropy="entropy" in head_outputs)
+        weight = lm_head_weight(self.lm)
+        if self.tp_group is not None and self._vocab_range is None:  # arithmetic, not a collective per call
+            self._vocab_range = vocab_range_of(self.lm.get_output_embeddings(), weight,
+                                               int(self.lm.config.vocab_size), self.tp_group)
+        out = per_token_ce(hidden, weight, labels, chunk_size=self.chunk_size, tp_group=self.tp_group,
+                           vocab_block=self.vocab_block, keep_bytes=self.keep_bytes,
+                           with_entropy="entropy" in head_outputs, grad_weights=labels != -100 if fused else None,
+                           vocab_range=self._vocab_range, check_labels=False)
         return (out[0], {"entropy": out[1]}) if head_outputs else out
 
 

@@ -47,7 +47,7 @@ def counting_all_reduces():
 # ---- vocab-parallel cross-entropy ------------------------------------------------------------------------------
 
 
-def _vocab_parallel_worker(rank, world, vocab, chunk_size, sparse=False, keep_bytes=0):
+def _vocab_parallel_worker(rank, world, vocab, chunk_size, sparse=False, keep_bytes=0, fused=False):
     g = torch.Generator().manual_seed(11)  # same inputs on every rank
     hidden_size = 12
     full_w = torch.randn(vocab, hidden_size, generator=g) / 3
@@ -58,6 +58,8 @@ def _vocab_parallel_worker(rank, world, vocab, chunk_size, sparse=False, keep_by
     grad_out = torch.rand(2, 7, generator=g) + 0.5
     if sparse:  # SLM: about 60% of the tokens carry a gradient, the rest exactly 0
         grad_out *= torch.rand(2, 7, generator=g) < 0.6
+    if fused:  # CLM: one scalar times the labelled tokens, known before the forward
+        grad_out = (labels != -100).float() * 0.125
 
     # Reference: one process, full weight, full logits, autograd.
     h_ref, w_ref = hidden0.clone().requires_grad_(), full_w.clone().requires_grad_()
@@ -67,11 +69,21 @@ def _vocab_parallel_worker(rank, world, vocab, chunk_size, sparse=False, keep_by
     shard = torch.tensor_split(full_w, world, dim=0)[rank].clone().requires_grad_()
     hidden = hidden0.clone().requires_grad_()
     with counting_all_reduces() as calls:
-        loss = per_token_ce(hidden, shard, labels, chunk_size=chunk_size, tp_group=dist.group.WORLD,
-                            vocab_block=16, keep_bytes=keep_bytes)
-        (loss * grad_out).sum().backward()
-    # Row counts, max, sums, hidden-state gradient: four all-reduces whatever the chunking.
-    assert len(calls) == 4, calls
+        if fused:  # the vocabulary range by arithmetic; chunk_size is the fused path's token chunk
+            from megaslm.loss.per_token_ce import shard_range
+
+            vocab_range = (shard_range(vocab, world, rank)[0], vocab)
+            loss = per_token_ce(hidden, shard, labels, tp_group=dist.group.WORLD, vocab_block=16,
+                                grad_weights=labels != -100, fused_chunk=chunk_size, vocab_range=vocab_range)
+            (torch.where(labels != -100, loss, 0.0).sum() * 0.125).backward()
+        else:
+            loss = per_token_ce(hidden, shard, labels, chunk_size=chunk_size, tp_group=dist.group.WORLD,
+                                vocab_block=16, keep_bytes=keep_bytes)
+            (loss * grad_out).sum().backward()
+    if fused:  # max and sums per token chunk, hidden-state gradient; no row-count all-reduce
+        assert len(calls) == 2 * -(-14 // (chunk_size or 14)) + 1, calls
+    else:  # Row counts, max, sums, hidden-state gradient: four all-reduces whatever the chunking.
+        assert len(calls) == 4, calls
 
     assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
     assert (loss[labels == -100] == 0).all()
@@ -90,6 +102,58 @@ def test_vocab_parallel_matches_full_weight(world, vocab, chunk_size, sparse, ke
     # (3, 2): a vocabulary smaller than the group leaves the last rank an empty shard. sparse: SLM-style gradient
     # (the backward works on the selected tokens only); keep_bytes: two vocabulary blocks kept from forward.
     run_gloo(_vocab_parallel_worker, world, vocab, chunk_size, sparse, keep_bytes)
+
+
+@pytest.mark.parametrize("world,vocab,chunk_size", [(2, 101, 5), (3, 101, None), (3, 2, 4)])
+def test_vocab_parallel_fused_head_matches_full_weight(world, vocab, chunk_size):
+    run_gloo(_vocab_parallel_worker, world, vocab, chunk_size, False, 0, True)
+
+
+# ---- fused head under ZeRO-3 ------------------------------------------------------------------------------------
+
+
+def _zero3_fused_worker(rank, world):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megaslm.model.build import TokenLossModel
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    ds = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2 * world, "zero_optimization": {"stage": 3},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, 97, (2, 9), generator=g)
+    labels = torch.where(torch.rand(2, 9, generator=g) < 0.2, -100, torch.randint(0, 97, (2, 9), generator=g))
+    import importlib
+
+    ptc = importlib.import_module("megaslm.loss.per_token_ce")  # the package attribute is the function
+
+    real, rows = ptc._chunk_logits, []
+    ptc._chunk_logits = lambda h, w: rows.append(h.shape[0]) or real(h, w)
+    grads = []
+    for fused in (False, True):
+        rows.clear()
+        torch.manual_seed(0)
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            lm = LlamaForCausalLM(cfg)
+        engine, *_ = deepspeed.initialize(model=TokenLossModel(lm, zero3=True), config=ds,
+                                          model_parameters=[p for p in lm.parameters()])
+        loss = engine(ids, labels, fused=fused)
+        engine.backward(torch.where(labels != -100, loss, 0.0).sum() / 7.0)
+        grads.append({n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()})
+        engine.destroy()
+        # fused: every token's logits once (3 head matmuls); recompute: the labelled ones again in backward
+        assert sum(rows) == 18 + (0 if fused else int((labels != -100).sum())), (fused, rows)
+    ptc._chunk_logits = real
+    assert grads[0].keys() == grads[1].keys() and any("lm_head" in n for n in grads[0])
+    for n in grads[0]:
+        assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_under_zero3_matches_the_recompute_head():
+    run_gloo(_zero3_fused_worker, 2, timeout=300)
 
 
 # ---- exact global selection -------------------------------------------------------------------------------------
@@ -129,10 +193,9 @@ def _selection_worker(rank, world, ratio):
     thresholds = [None] * world
     dist.all_gather_object(thresholds, threshold)
     assert len(set(thresholds)) == 1
-    # Collectives: the count vector with the first round's histogram, later rounds of 256 bins whatever the world
-    # size, one MIN.
-    assert calls[0] == 2 + world + 256 and calls[-1] == 1
-    assert set(calls[1:-1]) <= {256} and len(calls) - 2 <= 4 + 1 - 1  # 4 value bytes + 1 index byte here
+    # Collectives, a fixed three whatever the data: the counts with the first 16-bit digit's histogram, the second
+    # digit's histogram, each rank's count of tokens tied at the k-th value.
+    assert calls == [2 + 65536, 65536, world], calls
 
     qs = [0.1, 0.5, 0.9]
     ordered = sorted(all_ex[i] for i in ids)

@@ -326,3 +326,123 @@ def test_default_block_follows_the_problem():
     for kw in ({"keep_bytes": -1}, {"vocab_block": 0}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             per_token_ce(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), **kw)
+
+
+# ---- fused head: gradients formed in the forward (CLM) --------------------------------------------------------
+
+
+def _fused(hidden, weight, labels, scale, weights=None, **kw):
+    """The trainer's CLM call: weights up front (the labelled tokens), the scalar normaliser in backward."""
+    w = (labels != -100) if weights is None else weights
+    loss = per_token_ce(hidden, weight, labels, grad_weights=w, **kw)
+    (torch.where(labels != -100, loss * w.float(), 0.0).sum() * scale).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("fused_chunk", [None, 1, 5, 16])
+@pytest.mark.parametrize("shape", [(37,), (3, 11)])
+def test_fused_fp32_matches_full_logits(shape, fused_chunk):
+    hidden, weight, labels, _ = _inputs(shape, 24, 53, torch.float32)
+    scale = 1 / 7.0
+    grad_out = (labels != -100).float() * scale
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, grad_out)
+    plain = per_token_ce(hidden.detach(), weight.detach(), labels)
+    loss, gh, gw = _fused(hidden, weight, labels, scale, fused_chunk=fused_chunk, vocab_block=10)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+    assert (gh[labels == -100] == 0).all()
+
+
+def test_fused_real_weights_and_large_logits():
+    hidden, weight, labels, _ = _inputs((4, 9), 16, 31, torch.float32, scale=300.0)
+    weights = torch.rand(4, 9, generator=torch.Generator().manual_seed(5)) + 0.25  # soft, known up front
+    grad_out = torch.where(labels != -100, weights, 0.0) * 0.03
+    ref_loss, ref_gh, ref_gw = _reference(hidden, weight, labels, grad_out)
+    loss, gh, gw = _fused(hidden, weight, labels, 0.03, weights=weights, fused_chunk=7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-4 * float(ref_gw.abs().max()))
+
+
+@pytest.mark.parametrize("fused_chunk", [None, 4])
+def test_fused_bf16_weights(fused_chunk):
+    hidden, weight, labels, _ = _inputs((3, 13), 32, 61, torch.bfloat16)
+    scale = 0.05
+    loss, gh, gw = _fused(hidden, weight, labels, scale, fused_chunk=fused_chunk, vocab_block=16)
+    assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    grad_out = (labels != -100).float() * scale
+    for upcast in (True, False):
+        h, w = (hidden.float(), weight.float()) if upcast else (hidden, weight)
+        ref_loss, ref_gh, ref_gw = _reference(h, w, labels, grad_out, upcast=upcast)
+        torch.testing.assert_close(loss, ref_loss.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(gh.float(), ref_gh.float(), rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(gw.float(), ref_gw.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_fused_runs_three_head_matmuls(monkeypatch):
+    values = _count_logit_values(monkeypatch)
+    hidden, weight, labels, _ = _inputs((40,), 8, 37, torch.float32)
+    _fused(hidden, weight, labels, 0.1, fused_chunk=16, vocab_block=10)
+    assert sum(values) == 40 * 37  # the logits once, in the forward: nothing recomputed in backward
+
+
+def test_fused_holds_one_chunk_of_tiles():
+    hidden, weight, labels, _ = _inputs((N_TOKENS,), HIDDEN, VOCAB, torch.float32)
+    mode = _LargestOutput()
+    with mode:
+        _fused(hidden, weight, labels, 0.5, fused_chunk=CHUNK, vocab_block=16)
+    assert mode.largest <= max(CHUNK * 16, VOCAB * HIDDEN, N_TOKENS * HIDDEN)
+
+
+def test_fused_wrong_upstream_gradient_gives_nan_and_zero_gives_zero():
+    hidden, weight, labels, grad_out = _inputs((3, 7), 8, 19, torch.float32)
+    loss = per_token_ce(hidden, weight, labels, grad_weights=labels != -100)
+    (loss * grad_out).sum().backward()  # not r * weights: refused without a host sync
+    assert hidden.grad.isnan().all() and weight.grad.isnan().all()
+    hidden.grad = weight.grad = None
+    loss = per_token_ce(hidden, weight, labels, grad_weights=labels != -100)
+    (loss.sum() * 0.0).backward()  # a zeroed step (NaN losses): exact zeros
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+    with torch.no_grad():  # no graph: the plain forward, same losses
+        torch.testing.assert_close(per_token_ce(hidden, weight, labels, grad_weights=labels != -100),
+                                   loss.detach())
+
+
+def test_unchecked_labels_give_nan_without_a_sync():
+    hidden, weight, labels, _ = _inputs((2, 5), 8, 11, torch.float32, ignore_frac=0.0)
+    labels[0, 1] = 11
+    loss = per_token_ce(hidden, weight, labels, check_labels=False)
+    assert loss[0, 1].isnan() and loss.isnan().sum() == 1
+
+
+def test_shard_range_is_tensor_split():
+    from megaslm.loss.per_token_ce import shard_range
+
+    for vocab, world in ((101, 2), (101, 3), (2, 3), (32000, 8)):
+        parts = torch.tensor_split(torch.arange(vocab), world)
+        for r, p in enumerate(parts):
+            start, rows = shard_range(vocab, world, r)
+            assert rows == p.numel() and (rows == 0 or start == int(p[0]))
+
+
+def test_no_grad_and_fused_calls_use_wide_blocks(monkeypatch):
+    from megaslm.loss.per_token_ce import WIDE_VOCAB_BLOCK
+
+    widths = []
+    import importlib
+
+    ptc = importlib.import_module("megaslm.loss.per_token_ce")
+    real = ptc._chunk_logits
+    monkeypatch.setattr(ptc, "_chunk_logits", lambda h, w: widths.append(w.shape[0]) or real(h, w))
+    hidden, weight, labels, _ = _inputs((40,), 8, 3000, torch.float32)
+    with torch.no_grad():
+        per_token_ce(hidden, weight, labels)
+    assert max(widths) == WIDE_VOCAB_BLOCK
+    widths.clear()
+    (per_token_ce(hidden, weight, labels) * 1.0).sum().backward()  # the recompute path keeps the default
+    assert max(widths) == 128
+    widths.clear()
+    _fused(hidden, weight, labels, 0.5)
+    assert max(widths) == WIDE_VOCAB_BLOCK

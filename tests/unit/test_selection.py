@@ -151,3 +151,43 @@ def test_kth_largest_and_quantiles_match_sorting():
     with pytest.raises(ValueError):
         global_kth_largest(values, valid, n + 1)
     assert all(math.isnan(v) for v in global_quantiles(values, torch.zeros_like(valid), [0.5, 0.9]))
+
+
+# ---- on the device: no host sync ---------------------------------------------------------------------------------
+
+
+def test_keep_count_is_num_to_keep_on_the_device():
+    from megaslm.loss.selection import _quantile_rank, _quantile_rank_t, keep_count
+
+    g = torch.Generator().manual_seed(3)
+    ns = torch.cat([torch.arange(0, 300), torch.randint(0, 2**31 - 1, (300,), generator=g)])
+    ratios = [1e-6, 0.3, 0.6, 0.7, 0.9333333333333333, 0.8666666666666667, 0.123456789012345, 0.999, 1.0]
+    for ratio in ratios:  # 17-digit ratios make p * n overflow int64: the wrapped residual must still be exact
+        assert keep_count(ratio, ns).tolist() == [num_to_keep(ratio, n) for n in ns.tolist()], ratio
+    for q in (0.0, 0.1, 0.5, 0.9, 1.0, 0.123456789012345):
+        assert _quantile_rank_t(q, ns).tolist() == [_quantile_rank(q, n) for n in ns.tolist()], q
+    # A ratio beyond int64's exact range takes the host path and stays exact.
+    assert keep_count(1.2345678901234567e-05, ns[:50]).tolist() == [
+        num_to_keep(1.2345678901234567e-05, n) for n in ns[:50].tolist()]
+
+
+@pytest.mark.parametrize("scope", ["sequence", "rank", "global"])
+def test_select_on_device_makes_no_host_sync(monkeypatch, scope):
+    from megaslm.loss.selection import select_on_device
+
+    excess = torch.randint(-3, 4, (5, 12), generator=torch.Generator().manual_seed(2)).float()
+    valid = torch.rand(5, 12, generator=torch.Generator().manual_seed(4)) < 0.8
+    ref_mask, ref_threshold = select_tokens_with_threshold(excess, valid, 0.55, scope)
+    syncs = []
+    for name in ("item", "tolist", "__bool__", "nonzero", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, _r=real, **k: syncs.append(_n) or _r(*a, **k))
+    sel = select_on_device(excess, valid, 0.55, scope, (0.1, 0.5, 0.9))
+    monkeypatch.undo()
+    assert syncs == []
+    assert torch.equal(sel.mask, ref_mask) and sel.threshold.item() == ref_threshold
+    assert sel.quantiles.tolist() == global_quantiles(excess, valid, [0.1, 0.5, 0.9])
+    assert int(sel.n_nan) == 0
+    r, c = valid.nonzero()[0].tolist()
+    excess[r, c] = math.nan  # counted, not raised
+    assert int(select_on_device(excess, valid, 0.55, scope).n_nan) == 1
