@@ -427,7 +427,7 @@ class Trainer:
             last = self.step == t.steps
             if self.data.valid and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 rec.update(self.validation_metrics())
-            if self.step % t.log_every == 0 or last or "val_loss" in rec:
+            if self.step % t.log_every == 0 or last or "val_loss" in rec or "eval/seconds" in rec:
                 self.monitor.log(rec, _console_line(rec, t.steps))
             stop = self.stop_requested
             if (t.save_every and self.step % t.save_every == 0) or last or stop:
@@ -483,6 +483,10 @@ def config_callbacks(cfg: Config) -> list[Callback]:
         from megaslm.train.profile import StepProfiler
 
         callbacks.append(StepProfiler(*cfg.train.profile_steps))
+    if cfg.eval.tasks:  # downstream lm-eval tasks (megaslm/eval/callback.py)
+        from megaslm.eval.callback import DownstreamEval
+
+        callbacks.append(DownstreamEval(cfg.eval))
     return callbacks
 
 
