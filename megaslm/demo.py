@@ -112,8 +112,10 @@ def run_demo(out: str = "demo_run", quick: bool = False, steps: int | None = Non
     _train(slm_cfg, root / "slm.yaml")
     _megaslm("export", str(root / "runs" / "slm"), "--out", str(root / "slm_hf"))
 
-    _say("6/6 looking at the selection (megaslm analyze) and writing the report (megaslm report)")
-    report = write_report(root, p, time.time() - t_start, _analyze(root, p))
+    _say("6/6 looking at the selection (megaslm analyze), downstream tasks (megaslm eval), the report")
+    analysis = _analyze(root, p)
+    analysis["eval"] = _evaluate(root, quick)
+    report = write_report(root, p, time.time() - t_start, analysis)
     _say(f"done in {time.time() - t_start:.0f} s. Report: {report}")
     _say(f"plot: {root / 'val_loss.png'}; runs: {root / 'runs'}; exported SLM model: {root / 'slm_hf'}")
     return 0
@@ -150,8 +152,46 @@ def _demo_preface(root: Path, p: dict, val: dict, elapsed: float, analysis: dict
                   f"Threshold {dyn['threshold']:.3f} nats; tokens per category: "
                   + ", ".join(f"{c} {n}" for c, n in dyn["counts"].items()) + ".", "",
                   "![dynamics](analysis/dynamics/dynamics.png)", ""]
+    if analysis.get("eval"):
+        lines += _eval_lines(analysis["eval"])
     lines += ["These are figures from one short run of a ~1M-parameter model; read them as a smoke test of the "
               "pipeline, not as evidence about Rho-1 at scale.", ""]
+    return lines
+
+
+# `megaslm eval` on the CLM and SLM models: a few offline tasks, the first examples only (a smoke test of the
+# evaluation path at this scale: a ~1M-parameter model sits near chance on accuracy; bpb still moves).
+EVAL_TASKS = ["arc_easy", "sciq", "gsm8k_bpb"]
+EVAL_LIMIT = {False: 40, True: 10}
+
+
+def _evaluate(root: Path, quick: bool) -> dict | None:
+    from megaslm.errors import UserError
+    from megaslm.eval.run import evaluate_model
+
+    out = {}
+    for name in ("baseline_clm", "slm"):
+        try:
+            out[name] = evaluate_model(str(root / "runs" / name), EVAL_TASKS, limit=EVAL_LIMIT[quick],
+                                       out=str(root / "eval" / name), log_wandb=False)
+        except UserError as e:  # e.g. the evaluation data are not installed: the demo's other results stand
+            _say(f"skipping the downstream evaluation: {e}")
+            return None
+    return out
+
+
+def _eval_lines(ev: dict) -> list[str]:
+    first = next(iter(ev.values()))
+    limit = first["limit"]
+    cols = [(t, m) for t, row in first["tasks"].items() for m in row if m != "n"]
+    lines = [f"## Downstream tasks (`megaslm eval`, first {limit} examples each)", "",
+             "| model | " + " | ".join(f"{t} {m}" for t, m in cols) + " | seconds |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for name, res in ev.items():
+        lines.append(f"| {name} | " + " | ".join(f"{res['tasks'][t][m]:.4f}" for t, m in cols)
+                     + f" | {res['seconds']:.1f} |")
+    lines += ["", "acc / acc_norm: higher is better (chance: 0.25); bpb: bits per byte of the gold GSM8K solution "
+              "given its 8-shot prompt, lower is better. Results: eval/<model>/results.json.", ""]
     return lines
 
 

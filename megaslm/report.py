@@ -7,6 +7,7 @@ Writes into DIR (each plot only when some run logged its figures):
 - `selected_frac.png`: `selected_frac`, and per source `selected_frac/<i>` (named by the training shards' sources);
 - `excess.png`: excess-loss quantiles p10/p50/p90 (band and median) and the selection threshold;
 - `throughput.png`: `tokens_per_s` and, where logged (GPUs), `mfu`;
+- `eval.png`: the in-loop evaluator's `eval/<task>/<metric>` over steps, one panel per task, runs side by side;
 - `report.md`: a table per run (final and best figures, selected fraction per source, throughput) and the plots;
 - `report.json`: the same figures.
 With wandb on, every plot is logged to each run's wandb run (megaslm/analyze/media.py).
@@ -207,12 +208,40 @@ def plot_throughput(runs, path) -> bool:
     return drawn
 
 
+def eval_keys(runs) -> dict[str, list[str]]:
+    """{task: [metric, ...]} of the in-loop evaluator's `eval/<task>/<metric>` figures, in first-seen order."""
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        for rec in run["records"]:
+            for k in rec:
+                parts = k.split("/")
+                if len(parts) == 3 and parts[0] == "eval" and parts[2] not in out.setdefault(parts[1], []):
+                    out[parts[1]].append(parts[2])
+    return out
+
+
+def plot_eval(runs, path) -> bool:
+    """One panel per task, every run's metrics over steps (solid: the first metric, dashed: the next)."""
+    keys = eval_keys(runs)
+    if not keys:
+        return False
+    plt, fig, axes = _figure(len(keys))
+    for ax, (task, metrics) in zip(axes, keys.items()):
+        for m, style in zip(metrics, ("-", "--", ":", "-.")):
+            _lines(ax, runs, f"eval/{task}/{m}", style, f"{{run}}: {m}", marker="o")
+        ax.set_title(task)
+        ax.set_ylabel("bits per byte (lower is better)" if metrics == ["bpb"] else "score")
+    _save(plt, fig, axes, path)
+    return True
+
+
 PLOTS = (("train_loss.png", "Training loss", plot_train_loss),
          ("slm_losses.png", "Selected, unselected and reference loss", plot_slm_losses),
          ("val_loss.png", "Validation loss", plot_val_loss),
          ("selected_frac.png", "Selected fraction", plot_selected),
          ("excess.png", "Excess loss and threshold", plot_excess),
-         ("throughput.png", "Throughput", plot_throughput))
+         ("throughput.png", "Throughput", plot_throughput),
+         ("eval.png", "Downstream evaluation (eval/<task>/<metric>)", plot_eval))
 
 
 # ---------------------------------------------------------------------------------------------- markdown

@@ -77,4 +77,8 @@ class DownstreamEval(Callback):
                 trainer.engine.train()
         out = {f"eval/{task}/{m}": v for task, row in table.items() for m, v in row.items() if m != "n"}
         out["eval/seconds"] = time.time() - t0
+        if trainer.is_main:
+            figs = ", ".join(f"{k[5:]} {v:.4f}" for k, v in out.items() if k != "eval/seconds")
+            print(f"megaslm: eval at step {trainer.step}: {figs} ({out['eval/seconds']:.1f} s, "
+                  f"{self.lm.forwards} forwards on this rank in all)", flush=True)
         return out
