@@ -87,7 +87,9 @@ def run_summary(run: dict) -> dict:
             "tokens_per_s": _mean(series(recs, "tokens_per_s")[1]), "step_time": _mean(series(recs, "step_time")[1]),
             "mfu": _mean(series(recs, "mfu")[1]) if series(recs, "mfu")[1] else None,
             "selected_frac": _mean(series(recs, "selected_frac")[1]) if series(recs, "selected_frac")[1] else None,
-            "per_source_selected": source_selected(run)}
+            "per_source_selected": source_selected(run),
+            "eval": {k[5:]: v for r in recs for k, v in r.items()
+                     if k.startswith("eval/") and k != "eval/seconds" and v is not None}}  # the last of each
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -265,6 +267,12 @@ def _markdown(title: str, preface: list[str], runs: list[dict], summaries: dict,
         lines += ["", "## Selected fraction per source (token-weighted over the run)", "",
                   "| run | source | selected fraction |", "|---|---|---|"]
         lines += [f"| {r} | {src} | {f:.3f} |" for r, src, f in per_source]
+    evals = sorted({k for run in runs for k in summaries[run["name"]]["eval"]})
+    if evals:
+        lines += ["", "## Downstream tasks at the last evaluation (eval/<task>/<metric>)", "",
+                  "| run | " + " | ".join(evals) + " |", "|---|" + "---|" * len(evals)]
+        lines += [f"| {run['name']} | " + " | ".join(_fmt(summaries[run["name"]]["eval"].get(k)) for k in evals)
+                  + " |" for run in runs]
     for name, heading in plots:
         lines += ["", f"## {heading}", "", f"![{heading}]({name})"]
     return "\n".join(lines) + "\n"

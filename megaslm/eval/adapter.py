@@ -106,19 +106,25 @@ class Parallel:
 
 
 class Progress:
-    """One line on stderr every `every` seconds on rank 0: done/total, elapsed, ETA."""
+    """One line on stderr every `every` seconds on rank 0: done/total, elapsed, ETA (by work: `weights`, e.g.
+    each batch's padded tokens, since the longest batches come first)."""
 
-    def __init__(self, total: int, what: str, show: bool, every: float = 15.0):
+    def __init__(self, total: int, what: str, show: bool, every: float = 15.0, weights: list[float] | None = None):
         self.total, self.what, self.show, self.every = total, what, show, every
+        self.cum = [0.0]
+        for w in weights or [1.0] * total:
+            self.cum.append(self.cum[-1] + w)
         self.t0 = self.last = time.time()
 
     def update(self, done: int) -> None:
         now = time.time()
+        done = min(done, self.total)
         if not self.show or now - self.last < self.every or done >= self.total:
             return
         self.last = now
         el = now - self.t0
-        eta = el / max(done, 1) * (self.total - done)
+        work = self.cum[done] / max(self.cum[-1], 1e-9)
+        eta = el / max(work, 1e-9) * (1 - work)
         print(f"megaslm eval: {self.what} {done}/{self.total}, {el:.0f} s elapsed, ETA {eta:.0f} s",
               file=sys.stderr, flush=True)
 
@@ -158,6 +164,9 @@ class MegaslmLM(TemplateLM):
     def tok_decode(self, ids) -> str:
         return self.tok.decode(ids)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)  # tokenizing is quick; Progress reports scoring
+
     # ---------------------------------------------------------------- scoring
     def _window(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
         """The tokens to feed (context + continuation minus its last token, left-truncated to max_length) and
@@ -188,7 +197,10 @@ class MegaslmLM(TemplateLM):
         n = self.par.size
         rounds = -(-len(batches) // n) if batches else 0
         out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-        prog = Progress(len(batches), what, self.show_progress)
+        # the work of a round: its batches' padded tokens (the longest batches come first)
+        tokens = [len(bt) * lengths[bt[0]] for bt in batches]
+        prog = Progress(rounds, what, self.show_progress,
+                        weights=[sum(tokens[r * n:(r + 1) * n]) for r in range(rounds)])
         for r in range(rounds):
             b = r * n + self.par.rank
             mine = b < len(batches)
@@ -197,7 +209,7 @@ class MegaslmLM(TemplateLM):
             if mine:
                 out[idx, 0] = ll
                 out[idx, 1] = greedy
-            prog.update((r + 1) * n)
+            prog.update(r + 1)
         if n > 1:
             dev = self.scorer.device
             sums = out.to(dev)

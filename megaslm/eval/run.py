@@ -46,9 +46,17 @@ def results_table(loaded: dict, raw: dict) -> dict[str, dict]:
 
 def run_tasks(lm, loaded: dict, limit: int | None) -> dict[str, dict]:
     """Every task of `loaded` through lm-eval's evaluator on `lm`; the same on every rank."""
+    import lm_eval.api.task as lm_task
     from lm_eval.evaluator import evaluate
 
-    raw = evaluate(lm, loaded, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+    # lm-eval draws a progress bar per task while building requests, on every rank: in a training log that is
+    # noise (megaslm's own progress line reports the scoring, which is where the time goes)
+    bar = lm_task.tqdm
+    lm_task.tqdm = lambda it, *a, **k: it
+    try:
+        raw = evaluate(lm, loaded, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+    finally:
+        lm_task.tqdm = bar
     return results_table(loaded, raw)
 
 

@@ -141,7 +141,8 @@ def test_in_loop_eval_two_ranks_zero3_equals_one_rank(tmp_path, tiny_data):
                "data": {"train": tiny_data["train"], "tokenizer": tiny_data["tok"]},
                "train": {"steps": 2, "seq_len": 32, "micro_batch_size": 4 // nproc, "lr": 3e-3, "warmup_steps": 1,
                          "seed": 1},
-               "deepspeed": {"config": "ds_configs/zero3.json"}, "wandb": {"mode": "disabled"},
+               "deepspeed": {"config": "ds_configs/zero3.json"},
+               "wandb": {"mode": "offline" if nproc == 1 else "disabled", "project": "megaslm-test"},
                "eval": {"tasks": ["arc_easy", "gsm8k_bpb"], "every": 1, "limit": 6, "batch_tokens": 2048}}
         run_cli("train", str(write_config(tmp_path / f"{name}.yaml", cfg)), nproc=nproc, check=True)
         return [r for r in read_metrics(tmp_path / name) if "eval/seconds" in r]
@@ -154,3 +155,60 @@ def test_in_loop_eval_two_ranks_zero3_equals_one_rank(tmp_path, tiny_data):
         assert abs(a["eval/gsm8k_bpb/bpb"] - b["eval/gsm8k_bpb/bpb"]) < 1e-6
         assert a["eval/gsm8k_bpb/bpb"] > 0
     assert one[0]["eval/gsm8k_bpb/bpb"] != one[1]["eval/gsm8k_bpb/bpb"]  # the model moved between evaluations
+
+    # `megaslm eval` on the run's final checkpoint gives the in-loop figures of that step, and logs to its wandb
+    out = tmp_path / "offline_eval"
+    wandb_files = set((tmp_path / "one" / "wandb").rglob("*"))
+    assert cli(["eval", str(tmp_path / "one"), "--tasks", "arc_easy,gsm8k_bpb", "--limit", "6", "--out", str(out),
+                "--batch-tokens", "2048"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["tag"] == "step_00000002" and res["limit"] == 6
+    assert res["tasks"]["arc_easy"]["acc"] == one[1]["eval/arc_easy/acc"]
+    assert res["tasks"]["arc_easy"]["n"] == 6
+    assert math.isclose(res["tasks"]["gsm8k_bpb"]["bpb"], one[1]["eval/gsm8k_bpb/bpb"], rel_tol=1e-6)
+    assert set((tmp_path / "one" / "wandb").rglob("*")) - wandb_files  # the run's offline wandb got new files
+
+
+def test_report_plots_eval_per_task(tmp_path):
+    from megaslm.report import build_report
+
+    for name, base in (("clm", 0.30), ("slm", 0.35)):
+        run = tmp_path / name
+        run.mkdir()
+        recs = [{"step": s, "loss": 5.0 - s, "tokens_per_s": 100.0} for s in (1, 2, 3, 4)]
+        for r in recs[1::2]:
+            r.update({"eval/arc_easy/acc": base + r["step"] / 100, "eval/gsm8k_bpb/bpb": 3.0 - r["step"] / 10,
+                      "eval/seconds": 1.5})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    built = build_report([str(tmp_path / "clm"), str(tmp_path / "slm")], str(tmp_path / "report"))
+    assert "eval.png" in built["plots"]
+    assert (tmp_path / "report" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert built["runs"]["slm"]["eval"] == pytest.approx({"arc_easy/acc": 0.39, "gsm8k_bpb/bpb": 2.6})
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| slm | 0.3900 | 2.6000 |" in md
+
+
+def test_generation_equals_lm_eval_hf_backend(tiny_export, tmp_path):
+    """gsm8k's generate_until requests: the same greedy continuations, cut at the same stop strings."""
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+
+    # one decoder for both: without tokenizer.model megaslm reads the export's tokenizer.json as transformers does
+    # (SentencePiece and its transformers conversion decode invalid byte sequences differently)
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tiny_export, hf_dir, ignore=shutil.ignore_patterns("tokenizer.model"))
+    tiny_export = hf_dir
+
+    from megaslm.eval.run import load_model, make_lm
+    from megaslm.eval.tasks import load_tasks
+
+    task = load_tasks(["gsm8k"])["tasks"]["gsm8k"]
+    task.set_config(key="generation_kwargs", value={"max_gen_toks": 24}, update=True)
+    task.build_all_requests(limit=2, rank=0, world_size=1)
+    reqs = task.instances
+    lm, tok, _, _ = load_model(str(tiny_export), None)
+    ours = make_lm(lm, tok).generate_until(reqs)
+    theirs = HFLM(pretrained=str(tiny_export), dtype="float32", batch_size=1, device="cpu").generate_until(reqs)
+    assert len(ours) == 2 and ours == theirs
+    assert any(ours)  # something was generated
