@@ -222,5 +222,7 @@ def write_report(root: Path, p: dict, elapsed: float, analysis: dict | None = No
     final = {name: (v[-1][1] if v else float("nan")) for name, v in val.items()}
     (root / "report.json").write_text(json.dumps({**json.loads((root / "report.json").read_text()), "val": val,
                                                    "per_source_selected": per_source, "final": final,
+                                                   "eval": {name: {"tasks": r["tasks"], "seconds": r["seconds"]}
+                                                            for name, r in ((analysis or {}).get("eval") or {}).items()},
                                                    "elapsed_s": elapsed}, indent=2))
     return built["path"]

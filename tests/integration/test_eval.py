@@ -212,3 +212,21 @@ def test_generation_equals_lm_eval_hf_backend(tiny_export, tmp_path):
     theirs = HFLM(pretrained=str(tiny_export), dtype="float32", batch_size=1, device="cpu").generate_until(reqs)
     assert len(ours) == 2 and ours == theirs
     assert any(ours)  # something was generated
+
+
+def test_eval_config_is_validated_and_generation_refused_in_the_loop(tmp_path):
+    from megaslm.config import EvalConfig, from_dict
+    from megaslm.errors import UserError
+    from megaslm.eval.callback import DownstreamEval
+
+    base = {"run": {"dir": str(tmp_path)}, "data": {"train": str(tmp_path)}}
+    for key, value, words in (("every", -1, "eval.every"), ("limit", 0, "eval.limit"),
+                              ("batch_tokens", 0, "eval.batch_tokens"), ("nope", 1, "eval.nope")):
+        with pytest.raises(UserError, match=words):
+            from_dict({**base, "eval": {key: value}})
+    cfg = from_dict({**base, "eval": {"tasks": "arc_easy", "every": 5}})
+    assert cfg.eval.tasks == ["arc_easy"] and cfg.eval.every == 5 and cfg.eval.limit == 200
+    with pytest.raises(UserError, match="gsm8k generates text"):
+        DownstreamEval(EvalConfig(tasks=["gsm8k"])).on_train_start(None)
+    with pytest.raises(UserError, match="eval.tasks: unknown task nope"):
+        DownstreamEval(EvalConfig(tasks=["nope"])).on_train_start(None)
