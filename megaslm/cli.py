@@ -269,6 +269,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_score)
 
     _add_analyze(sub)
+    from megaslm.eval.run import add_parser as add_eval  # `megaslm eval` (megaslm/eval/run.py)
+
+    add_eval(sub)
     rp = sub.add_parser("report", help="report.md and PNG plots from runs' metrics.jsonl")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", required=True)

@@ -142,6 +142,19 @@ class ParallelConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream lm-eval tasks during training (megaslm/eval/callback.py; docs/eval.md)."""
+
+    tasks: list[str] = field(default_factory=list)  # e.g. [arc_easy, sciq, gsm8k_bpb]; empty: no evaluation
+    every: int = 0  # every N optimizer steps; 0: only at the end (with at_end)
+    at_end: bool = True  # also after the last step
+    limit: int | None = 200  # first N examples of each task; null: all
+    num_fewshot: int | None = None  # null: each task's own
+    include_path: list[str] = field(default_factory=list)  # directories / YAML files of your own tasks
+    batch_tokens: int = 8192  # padded tokens per forward
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,6 +167,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     loss_head: LossHeadConfig = field(default_factory=LossHeadConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -223,11 +237,23 @@ def validate(cfg: Config, src: str = "config") -> Config:
             raise bad(f"loss_head.{name}", f"must be >= 1 or null (automatic), got {value}")
     if not cfg.loss_head.keep_logits_mib >= 0:
         raise bad("loss_head.keep_logits_mib", f"must be >= 0 (0: always recompute), got {cfg.loss_head.keep_logits_mib}")
+    _validate_eval(cfg.eval, bad)
     return cfg
 
 
 def _choice(names) -> str:
     return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def _validate_eval(e: EvalConfig, bad) -> None:
+    if e.every < 0:
+        raise bad("eval.every", f"must be >= 0 (0: only at the end), got {e.every}")
+    if e.limit is not None and e.limit < 1:
+        raise bad("eval.limit", f"must be >= 1 or null (all examples), got {e.limit}")
+    if e.num_fewshot is not None and e.num_fewshot < 0:
+        raise bad("eval.num_fewshot", f"must be >= 0 or null, got {e.num_fewshot}")
+    if e.batch_tokens < 1:
+        raise bad("eval.batch_tokens", f"must be >= 1, got {e.batch_tokens}")
 
 
 def reference_paths(cfg: Config) -> list[str]:

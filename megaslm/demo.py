@@ -261,6 +261,11 @@ def phase_analysis(d: Demo) -> None:
         torch.set_num_threads(threads)
 
 
+def phase_eval(d: Demo) -> None:
+    _phase(f"downstream tasks (megaslm eval: {', '.join(EVAL_TASKS)}) on the CLM and SLM models")
+    _evaluate(d.root, d.ident["variant"] == "quick")
+
+
 def phase_report(d: Demo) -> None:
     _phase("writing the report (megaslm report)")
     report = write_report(d.root, d.p, d.elapsed(), _load_analysis(d.root))
@@ -272,7 +277,7 @@ def phase_report(d: Demo) -> None:
 # wall time counts every phase before it.
 PHASES = [("corpora", phase_corpora), ("tokenizer", phase_tokenizer), ("shards", phase_shards),
           ("reference", phase_reference), ("baseline", phase_baseline), ("slm", phase_slm),
-          ("analysis", phase_analysis), ("report", phase_report)]
+          ("analysis", phase_analysis), ("eval", phase_eval), ("report", phase_report)]
 
 
 def run_demo(out: str | None = None, quick: bool = False, steps: int | None = None, seed: int = 0) -> int:
@@ -342,8 +347,57 @@ def _demo_preface(root: Path, p: dict, val: dict, elapsed: float, analysis: dict
                   f"Threshold {dyn['threshold']:.3f} nats; tokens per category: "
                   + ", ".join(f"{c} {n}" for c, n in dyn["counts"].items()) + ".", "",
                   "![dynamics](analysis/dynamics/dynamics.png)", ""]
+    if analysis.get("eval"):
+        lines += _eval_lines(analysis["eval"])
     lines += ["These are figures from one short run of a ~1M-parameter model; read them as a smoke test of the "
               "pipeline, not as evidence about Rho-1 at scale.", ""]
+    return lines
+
+
+# `megaslm eval` on the CLM and SLM models: two offline tasks, the first examples only (a smoke test of the
+# evaluation path at this scale: a ~1M-parameter model sits near chance on accuracy; bpb still moves). The tasks
+# are loaded once for both models; GSM8K's 8-shot prompts fill the tiny model's 2048-token context.
+EVAL_TASKS = ["arc_easy", "gsm8k_bpb"]
+EVAL_LIMIT = {False: 20, True: 8}
+
+
+def _evaluate(root: Path, quick: bool) -> dict | None:
+    from megaslm.atomic import write_json
+    from megaslm.errors import UserError
+    from megaslm.eval.run import load_model, make_lm, run_tasks
+    from megaslm.eval.tasks import load_tasks
+
+    limit = EVAL_LIMIT[quick]
+    try:
+        loaded = load_tasks(EVAL_TASKS)
+    except UserError as e:  # e.g. the evaluation data are not installed: the demo's other results stand
+        _say(f"skipping the downstream evaluation: {e}")
+        return None
+    out = {}
+    for name in ("baseline_clm", "slm"):
+        t0 = time.time()
+        run = root / "runs" / name
+        lm, tok, _, tag = load_model(str(run), None)
+        res = {"tasks": run_tasks(make_lm(lm, tok), loaded, limit), "model": str(run), "limit": limit,
+               "num_fewshot": None, "tag": tag, "seconds": round(time.time() - t0, 2)}
+        (root / "eval" / name).mkdir(parents=True, exist_ok=True)
+        write_json(root / "eval" / name / "results.json", res)  # as `megaslm eval RUN --out DIR` writes it
+        out[name] = res
+    return out
+
+
+def _eval_lines(ev: dict) -> list[str]:
+    first = next(iter(ev.values()))
+    limit = first["limit"]
+    cols = [(t, m) for t, row in first["tasks"].items() for m in row if m != "n"]
+    lines = [f"## Downstream tasks (`megaslm eval`, first {limit} examples each)", "",
+             "| model | " + " | ".join(f"{t} {m}" for t, m in cols) + " | seconds |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for name, res in ev.items():
+        lines.append(f"| {name} | " + " | ".join(f"{res['tasks'][t][m]:.4f}" for t, m in cols)
+                     + f" | {res['seconds']:.1f} |")
+    lines += ["", "acc / acc_norm: higher is better (chance: 0.25); bpb: bits per byte of the gold GSM8K solution "
+              "given its 8-shot prompt, lower is better. Results: eval/<model>/results.json.", ""]
     return lines
 
 
@@ -361,10 +415,15 @@ def _analyze(root: Path, p: dict) -> dict:
 
 
 def _load_analysis(root: Path) -> dict:
-    """The summaries `analyze tokens` and `analyze dynamics` wrote (the report phase may run in a later call)."""
+    """The summaries `analyze tokens`, `analyze dynamics` and `eval` wrote (the report phase may run in a later
+    call)."""
     files = {"tokens": root / "analysis" / "tokens" / "summary.json",
              "dynamics": root / "analysis" / "dynamics" / "dynamics.json"}
-    return {k: json.loads(f.read_text()) for k, f in files.items() if f.is_file()}
+    out = {k: json.loads(f.read_text()) for k, f in files.items() if f.is_file()}
+    evals = {name: root / "eval" / name / "results.json" for name in ("baseline_clm", "slm")}
+    if all(f.is_file() for f in evals.values()):
+        out["eval"] = {name: json.loads(f.read_text()) for name, f in evals.items()}
+    return out
 
 
 def write_report(root: Path, p: dict, elapsed: float, analysis: dict | None = None) -> Path:
@@ -381,5 +440,7 @@ def write_report(root: Path, p: dict, elapsed: float, analysis: dict | None = No
     final = {name: (v[-1][1] if v else float("nan")) for name, v in val.items()}
     (root / "report.json").write_text(json.dumps({**json.loads((root / "report.json").read_text()), "val": val,
                                                    "per_source_selected": per_source, "final": final,
+                                                   "eval": {name: {"tasks": r["tasks"], "seconds": r["seconds"]}
+                                                            for name, r in ((analysis or {}).get("eval") or {}).items()},
                                                    "elapsed_s": elapsed}, indent=2))
     return built["path"]

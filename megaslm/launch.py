@@ -1,5 +1,6 @@
 """`megaslm train`: the trainer with the parts that live above megaslm.train — the reference (megaslm.reference)
-and the callbacks the config asks for (the token view of megaslm.analyze, the profiler). Everything is composed
+and the callbacks the config asks for (the token view of megaslm.analyze, the profiler, the
+downstream evaluation of megaslm.eval). Everything is composed
 here, so that train/ imports neither reference/ nor analyze/."""
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def config_callbacks(cfg: Config) -> list[Callback]:
         from megaslm.train.profile import StepProfiler
 
         callbacks.append(StepProfiler(*cfg.train.profile_steps))
+    if cfg.eval.tasks:  # downstream lm-eval tasks, every eval.every steps (megaslm/eval/callback.py)
+        from megaslm.eval.callback import DownstreamEval
+
+        callbacks.append(DownstreamEval(cfg.eval))
     return callbacks
 
 

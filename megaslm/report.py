@@ -7,6 +7,7 @@ Writes into DIR (each plot only when some run logged its figures):
 - `selected_frac.png`: `selected_frac`, and per source `selected_frac/<i>` (named by the training shards' sources);
 - `excess.png`: excess-loss quantiles p10/p50/p90 (band and median) and the selection threshold;
 - `throughput.png`: `tokens_per_s` and, where logged (GPUs), `mfu`;
+- `eval.png`: the in-loop evaluator's `eval/<task>/<metric>` over steps, one panel per task, runs side by side;
 - `report.md`: a table per run (final and best figures, selected fraction per source, throughput) and the plots;
 - `report.json`: the same figures.
 With wandb on, every plot is logged to each run's wandb run (megaslm/analyze/media.py).
@@ -86,7 +87,9 @@ def run_summary(run: dict) -> dict:
             "tokens_per_s": _mean(series(recs, "tokens_per_s")[1]), "step_time": _mean(series(recs, "step_time")[1]),
             "mfu": _mean(series(recs, "mfu")[1]) if series(recs, "mfu")[1] else None,
             "selected_frac": _mean(series(recs, "selected_frac")[1]) if series(recs, "selected_frac")[1] else None,
-            "per_source_selected": source_selected(run)}
+            "per_source_selected": source_selected(run),
+            "eval": {k[5:]: v for r in recs for k, v in r.items()
+                     if k.startswith("eval/") and k != "eval/seconds" and v is not None}}  # the last of each
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -207,12 +210,40 @@ def plot_throughput(runs, path) -> bool:
     return drawn
 
 
+def eval_keys(runs) -> dict[str, list[str]]:
+    """{task: [metric, ...]} of the in-loop evaluator's `eval/<task>/<metric>` figures, in first-seen order."""
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        for rec in run["records"]:
+            for k in rec:
+                parts = k.split("/")
+                if len(parts) == 3 and parts[0] == "eval" and parts[2] not in out.setdefault(parts[1], []):
+                    out[parts[1]].append(parts[2])
+    return out
+
+
+def plot_eval(runs, path) -> bool:
+    """One panel per task, every run's metrics over steps (solid: the first metric, dashed: the next)."""
+    keys = eval_keys(runs)
+    if not keys:
+        return False
+    plt, fig, axes = _figure(len(keys))
+    for ax, (task, metrics) in zip(axes, keys.items()):
+        for m, style in zip(metrics, ("-", "--", ":", "-.")):
+            _lines(ax, runs, f"eval/{task}/{m}", style, f"{{run}}: {m}", marker="o")
+        ax.set_title(task)
+        ax.set_ylabel("bits per byte (lower is better)" if metrics == ["bpb"] else "score")
+    _save(plt, fig, axes, path)
+    return True
+
+
 PLOTS = (("train_loss.png", "Training loss", plot_train_loss),
          ("slm_losses.png", "Selected, unselected and reference loss", plot_slm_losses),
          ("val_loss.png", "Validation loss", plot_val_loss),
          ("selected_frac.png", "Selected fraction", plot_selected),
          ("excess.png", "Excess loss and threshold", plot_excess),
-         ("throughput.png", "Throughput", plot_throughput))
+         ("throughput.png", "Throughput", plot_throughput),
+         ("eval.png", "Downstream evaluation (eval/<task>/<metric>)", plot_eval))
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -236,6 +267,12 @@ def _markdown(title: str, preface: list[str], runs: list[dict], summaries: dict,
         lines += ["", "## Selected fraction per source (token-weighted over the run)", "",
                   "| run | source | selected fraction |", "|---|---|---|"]
         lines += [f"| {r} | {src} | {f:.3f} |" for r, src, f in per_source]
+    evals = sorted({k for run in runs for k in summaries[run["name"]]["eval"]})
+    if evals:
+        lines += ["", "## Downstream tasks at the last evaluation (eval/<task>/<metric>)", "",
+                  "| run | " + " | ".join(evals) + " |", "|---|" + "---|" * len(evals)]
+        lines += [f"| {run['name']} | " + " | ".join(_fmt(summaries[run["name"]]["eval"].get(k)) for k in evals)
+                  + " |" for run in runs]
     for name, heading in plots:
         lines += ["", f"## {heading}", "", f"![{heading}]({name})"]
     return "\n".join(lines) + "\n"

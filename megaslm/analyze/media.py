@@ -30,6 +30,19 @@ def _wandb_settings(run_dir: Path) -> dict | None:
 
 def log_media(run_dir: Path | None, media: dict[str, Path]) -> bool:
     """Log each file under its key (.html as a page, anything else as an image); True if it was logged."""
+    def payload(wandb):
+        return {key: wandb.Html(Path(p).read_text(), inject=False) if str(p).endswith(".html")
+                else wandb.Image(str(p)) for key, p in media.items()}
+
+    return _log(run_dir, payload, list(media))
+
+
+def log_values(run_dir: Path | None, values: dict[str, float]) -> bool:
+    """Log scalars (e.g. `megaslm eval`'s eval/<task>/<metric>) to the run's wandb; True if they were logged."""
+    return _log(run_dir, lambda wandb: dict(values), list(values)[:3] + (["..."] if len(values) > 3 else []))
+
+
+def _log(run_dir: Path | None, payload, names: list[str]) -> bool:
     if run_dir is None:
         return False
     run_dir = Path(run_dir)
@@ -46,10 +59,9 @@ def log_media(run_dir: Path | None, media: dict[str, Path]) -> bool:
 
         run = wandb.init(project=settings["project"], entity=settings["entity"], id=settings["id"], resume="allow",
                          mode=settings["mode"], dir=str(run_dir), settings=wandb.Settings(silent=True))
-        run.log({key: wandb.Html(Path(p).read_text(), inject=False) if str(p).endswith(".html")
-                 else wandb.Image(str(p)) for key, p in media.items()})
+        run.log(payload(wandb))
         run.finish()
-        print(f"megaslm: logged {', '.join(media)} to wandb run {settings['id']} ({settings['mode']}, "
+        print(f"megaslm: logged {', '.join(names)} to wandb run {settings['id']} ({settings['mode']}, "
               f"{run_dir / 'wandb'})", flush=True)
         return True
     except Exception as e:  # noqa: BLE001 - the files on disk are the result; wandb is a copy of them

@@ -113,7 +113,8 @@ class Validation(Callback):
 class Logging(Callback):
     def post_step(self, trainer, rec: dict) -> None:
         t = trainer.cfg.train
-        if trainer.step % t.log_every == 0 or trainer.step == t.steps or "val_loss" in rec:
+        evaluated = "val_loss" in rec or "eval/seconds" in rec  # a step with an evaluation is always logged
+        if trainer.step % t.log_every == 0 or trainer.step == t.steps or evaluated:
             trainer.monitor.log(rec, console_line(rec, t.steps))
 
 

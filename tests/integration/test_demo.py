@@ -30,6 +30,13 @@ def test_quick_demo_writes_report_plot_and_models(tmp_path):
     # report's own writing (plots, wandb) comes after it.
     assert f"Wall time {report['elapsed_s']:.0f} s, every phase" in text
     assert 0 <= state["elapsed_s"] - report["elapsed_s"] <= 0.05 * state["elapsed_s"]
+    # the eval phase: `megaslm eval` on the CLM and SLM runs, its table in the report
+    assert set(report["eval"]) == {"baseline_clm", "slm"}
+    for name, ev in report["eval"].items():
+        assert set(ev["tasks"]) == {"arc_easy", "gsm8k_bpb"}
+        assert 0 <= ev["tasks"]["arc_easy"]["acc"] <= 1 and ev["tasks"]["gsm8k_bpb"]["bpb"] > 0
+        assert json.loads((out / "eval" / name / "results.json").read_text())["tasks"] == ev["tasks"]
+    assert "## Downstream tasks" in text
     for model in ("reference_hf", "slm_hf"):
         assert (out / model / "model.safetensors").is_file()
 
