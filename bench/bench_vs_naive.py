@@ -109,7 +109,7 @@ def loop_worker(args) -> None:
 
     from megaslm.config import Config
     from megaslm.data.loader import PackedLoader
-    from megaslm.train.trainer import build_ds_config
+    from megaslm.train.build import build_ds_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

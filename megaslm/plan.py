@@ -148,7 +148,7 @@ def loss_head_bytes(tokens: int, vocab_local: int, hidden: int, d: int, *, chunk
 
 # ----------------------------------------------------------------------------------------------- the plan
 def _ds_json(cfg: Config) -> dict:
-    from megaslm.train.trainer import load_ds_json
+    from megaslm.train.build import load_ds_json
 
     return load_ds_json(cfg)
 

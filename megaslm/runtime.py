@@ -16,7 +16,7 @@ from megaslm.precision import training_dtype
 
 @dataclass
 class Run:
-    preemption: object  # megaslm.train.preempt.Preemption
+    preemption: object  # megaslm.preempt.Preemption
     rank: int
     world: int
     groups: ParallelGroups
@@ -31,7 +31,7 @@ class Run:
 def start_run(cfg, check_world: Callable[[int], None] | None = None) -> Run:
     """Every rank: signal handlers first (a stop signal that arrives while the engines are built is honoured
     after the first step or round), then the process group; `check_world(world_size)` runs before the groups."""
-    from megaslm.train.preempt import Preemption
+    from megaslm.preempt import Preemption
 
     preemption = Preemption()
     mdist.init_distributed()

@@ -5,7 +5,7 @@ can be read, edited and re-submitted by hand (`sbatch RUN_DIR/megaslm.sbatch`) f
 one task per GPU (or `--tasks-per-node` tasks on a CPU cluster) with srun; each task runs
 `megaslm train CONFIG --set ...`, takes its rank from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS and meets the
 others at MASTER_ADDR (first host of the allocation) and MASTER_PORT (derived from the job id). The job asks
-for a warning signal before its time limit and is requeueable; see megaslm/train/preempt.py.
+for a warning signal before its time limit and is requeueable; see megaslm/preempt.py.
 """
 
 from __future__ import annotations

@@ -31,10 +31,9 @@ from megaslm.parallel import tensor as tp
 from megaslm.protocols import Loader, ReferenceLosses
 from megaslm.runtime import start_run
 from megaslm.train import checkpoint
-from megaslm.train.build import (build_data, build_ds_config, build_model, load_ds_json,  # noqa: F401 (re-exported)
-                                 make_loader, run_info, write_run_files)
+from megaslm.train.build import build_data, build_model, load_ds_json, make_loader, run_info, write_run_files
 from megaslm.train.guard import SkipGuard, nan_step
-from megaslm.train.records import Logging, MixtureMetrics, Throughput, Validation, name_sources  # noqa: F401
+from megaslm.train.records import Logging, MixtureMetrics, Throughput, Validation
 
 ReferenceFactory = Callable[["Trainer"], ReferenceLosses]
 

@@ -1,13 +1,11 @@
 """What a new user meets first: a run directory of another configuration (one line, no traceback through the
 launcher), files readable by the team under umask 022, step lines with elapsed time and ETA."""
 
-import json
 import os
 import re
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -22,7 +22,7 @@ import yaml
 from megaslm import submit
 from megaslm.cli import main as cli_main
 from megaslm.errors import UserError
-from megaslm.train.preempt import Preemption, requeue_decision
+from megaslm.preempt import Preemption, requeue_decision
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30

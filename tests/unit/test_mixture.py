@@ -127,7 +127,7 @@ def test_too_small_component_and_bad_weights_are_errors(sets, tmp_path):
 
 def test_mixture_metric_names_and_component_totals():
     """tokens/<i> -> tokens/<name>; with track_sources, per-file keys plus component totals (selected over total)."""
-    from megaslm.train.trainer import name_sources
+    from megaslm.train.records import name_sources
 
     rec = {"loss": 1.0, "tokens/0": 10.0, "tokens/1": 30.0, "tokens/2": 5.0,
            "selected_frac/0": 0.5, "selected_frac/1": 0.1, "selected_frac/2": 1.0}

@@ -1,4 +1,4 @@
-"""Ctrl-C (SIGINT) in megaslm/train/preempt.py: the first one is recorded like SIGTERM, never requeued; the
+"""Ctrl-C (SIGINT) in megaslm/preempt.py: the first one is recorded like SIGTERM, never requeued; the
 second one gets the kernel's default action (the process ends at once)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
-from megaslm.train.preempt import Preemption
+from megaslm.preempt import Preemption
 
 
 def test_first_ctrl_c_is_recorded_and_not_requeued_second_exits_at_once(tmp_path, monkeypatch, capfd):
