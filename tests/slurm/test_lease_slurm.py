@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import re
 
-from .test_submit import (STEPS, _job, _log, _steps_logged, _submit, _wait, _wait_done,  # noqa: F401
+from .test_submit import (_job, _log, _steps_logged, _submit, _wait, _wait_done,  # noqa: F401
                           workdir)
+
+
+LONG = 300  # steps of the first job
 
 
 def _seconds(runtime: str) -> int:
@@ -17,9 +20,12 @@ def _seconds(runtime: str) -> int:
 def test_second_submission_of_a_running_config_fails_fast(slurm_cluster, workdir):
     c = slurm_cluster
     run_dir = workdir / "runs" / "twice"
-    first = _submit(c, workdir, "runs/twice")
+    # Long enough that the first job is still training when the second one starts, however fast this machine
+    # is (30 steps could end before Slurm started the second job, which then resumed the finished run).
+    steps = ("--set", f"train.steps={LONG}")
+    first = _submit(c, workdir, "runs/twice", *steps)
     _wait("step 2 of the first job", lambda: len(_steps_logged(run_dir)) >= 2, c, run_dir, first)
-    second = _submit(c, workdir, "runs/twice")  # the same config, the same run directory
+    second = _submit(c, workdir, "runs/twice", *steps)  # the same config, the same run directory
     job = _wait_done(c, run_dir, second)
     log = _log(run_dir, second)
     assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", (job, log)
@@ -33,5 +39,5 @@ def test_second_submission_of_a_running_config_fails_fast(slurm_cluster, workdir
 
     done = _wait_done(c, run_dir, first)
     assert done["JobState"] == "COMPLETED" and done["ExitCode"] == "0:0", _log(run_dir, first)
-    assert _steps_logged(run_dir) == list(range(1, STEPS + 1))  # every step once: nobody else wrote the history
+    assert _steps_logged(run_dir) == list(range(1, LONG + 1))  # every step once: nobody else wrote the history
     assert not (run_dir / "lease.json").exists()
