@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from megaslm.errors import UserError
+from megaslm.monitor import hms
 from megaslm.reference.cache import (CHUNK_DIR, DEFAULT_STORAGE_DTYPE, JOB_FILE, MAX_CHUNK_TOKENS, META_FILE,
                                      MIN_CHUNK_TOKENS, STORAGE_DTYPES, cache_meta, chunk_file, chunk_rows,
                                      is_complete, is_replaceable, model_fingerprint, read_meta, shards_identity,
@@ -55,11 +56,6 @@ def _job_of_meta(meta: dict) -> dict:
             "model_fingerprint": meta["reference"].get("fingerprint"),
             "shards": {k: s.get(k) for k in ("tokenizer_fingerprint", "num_tokens", "num_documents",
                                              "content_sha256")}}
-
-
-def _fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def default_chunk_tokens(num_tokens: int) -> int:
@@ -252,7 +248,7 @@ def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
             dt = max(now - t0, 1e-9)
             left = (len(todo) - (k + 1) * W) / max(1, (k + 1) * W) * dt if k < rounds - 1 else 0.0
             say(f"{finished}/{job.num_chunks} chunks | {seqs_done / dt:.1f} seq/s | {seqs_done * job.T / dt:.0f} "
-                f"tok/s | elapsed {_fmt_time(dt)} | eta {_fmt_time(left)}")
+                f"tok/s | elapsed {hms(dt)} | eta {hms(left)}")
         if stop.item() > 0:
             say(f"stop signal: {finished} of {job.num_chunks} chunks are in {work}; run the same command again to "
                 "finish")

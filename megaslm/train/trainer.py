@@ -128,12 +128,11 @@ class Trainer:
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         extra = model_inputs(batch, self.device)
-        if objective.head_outputs:  # e.g. the entropy, from the same online softmax as the loss
-            extra["head_outputs"] = objective.head_outputs
-        # CLM (and SLM before slm.start_step) backpropagates a scalar times the labelled tokens' losses, known
-        # before the forward: the loss head forms its gradients in the forward (3 head matmuls, no recompute).
-        out = self.engine(input_ids, labels, **extra, fused=objective.kind == "clm")
-        extra.pop("head_outputs", None)
+        # head_outputs: e.g. the entropy, from the same online softmax as the loss. CLM (and SLM before
+        # slm.start_step) backpropagates a scalar times the labelled tokens' losses, known before the forward: the
+        # loss head then forms its gradients in the forward (3 head matmuls, no recompute).
+        out = self.engine(input_ids, labels, **extra, head_outputs=objective.head_outputs,
+                          fused=objective.kind == "clm")
         tensors = {"token_loss": out[0], **out[1]} if isinstance(out, tuple) else {"token_loss": out}
         for cb in self.callbacks:
             cb.on_forward(self, tensors)
