@@ -16,6 +16,8 @@ same seed), and for SLM a same-size reference model (ratio 0.6). Variants:
   megaslm clm / slm     real `megaslm train` processes, defaults (slm: replicated reference, global scope;
                         clm: the fused head)
   megaslm slm keep      slm with loss_head.keep_logits_mib set to hold every tile: memory for speed
+  megaslm slm cached    slm reading the reference's losses from `megaslm score`'s cache (float32; scored once per
+                        seq_len before the rounds, not timed): no reference model in the run
   baseline clm / slm    (--baseline DIR) megaslm from another checkout, for before/after in one run
 Rounds alternate the variants. tokens/s: median over the steps after --skip, as megaslm logs it (time of the
 micro-steps, all ranks' tokens). Peak RSS: the largest process of the run (ru_maxrss of the launcher's children),
@@ -213,9 +215,12 @@ def megaslm_config(root: Path, shards: str, model: str, objective: str, seq: int
     cfg = {"run": {"dir": str(run_dir)}, "model": {"init_from": model, "dtype": "fp32"}, "data": {"train": shards},
            "train": {"steps": steps, "seq_len": seq, "micro_batch_size": mbs, "warmup_steps": 0},
            "deepspeed": {"config": "ds_configs/zero2.json"}, "wandb": {"mode": "disabled"}, "objective": objective}
-    if objective == "slm":
+    if objective in ("slm", "cached"):
+        cfg["objective"] = "slm"
         cfg["slm"] = {"ratio": RATIO}
         cfg["reference"] = {"path": model, "placement": "replicated"}
+        if objective == "cached":  # the reference's losses read from `megaslm score`'s cache (exact: float32)
+            cfg["reference"]["cache"] = str(root / f"cache_{seq}")
     if keep:  # every tile of the micro-batch: tokens x vocab x 4 bytes
         cfg["loss_head"] = {"keep_logits_mib": seq * mbs * VOCAB * 4 / 2**20 + 1}
     path = root / "megaslm.yaml"
@@ -229,6 +234,10 @@ def run_megaslm(root: Path, shards: str, model: str, objective: str, seq: int, m
     shutil.rmtree(run_dir, ignore_errors=True)
     path = megaslm_config(root, shards, model, objective, seq, mbs, steps, keep, run_dir)
     out = root / "megaslm_peak.json"
+    if objective == "cached" and not (root / f"cache_{seq}").exists():  # scored once per seq_len, not timed
+        print(f"  scoring the corpus into the reference cache (seq {seq}) ...", flush=True)
+        launch(torchrun(__file__, "--megaslm-worker", "--out", str(out), "score", str(path),
+                        "--storage-dtype", "float32"), repo)
     peak = launch(torchrun(__file__, "--megaslm-worker", "--out", str(out), "train", str(path)), repo)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"tps": [r["tokens_per_s"] for r in recs], "peak": peak,
@@ -243,6 +252,7 @@ VARIANTS = {  # name -> (side, objective, keep); the loop's objective "flat" is 
     "loop slm flat": ("loop", "flat", False),
     "megaslm slm": ("megaslm", "slm", False),
     "megaslm slm keep": ("megaslm", "slm", True),
+    "megaslm slm cached": ("megaslm", "cached", False),
     "baseline slm": ("baseline", "slm", False),  # only with --baseline
 }
 
@@ -254,7 +264,8 @@ def model_flops_per_token(model: str, objective: str, seq: int) -> float:
     from megaslm.model.describe import describe
 
     d = describe(AutoConfig.from_pretrained(model))
-    return d.train_flops_per_token(seq) + (d.forward_flops_per_token(seq) if objective != "clm" else 0.0)
+    online = objective not in ("clm", "cached")  # a cached reference runs no forward during training
+    return d.train_flops_per_token(seq) + (d.forward_flops_per_token(seq) if online else 0.0)
 
 
 def bench(args) -> None:
@@ -308,6 +319,9 @@ def bench(args) -> None:
         for side in ("megaslm", "loop", "baseline"):
             if f"{side} clm" in med and f"{side} slm" in med:
                 print(f"{'':>10} {side} SLM/CLM step time: {med[side + ' clm'][0] / med[side + ' slm'][0]:.2f}")
+        if "megaslm clm" in med and "megaslm slm cached" in med:
+            print(f"{'':>10} megaslm SLM-cached/CLM step time: "
+                  f"{med['megaslm clm'][0] / med['megaslm slm cached'][0]:.2f}")
 
 
 def main() -> None:

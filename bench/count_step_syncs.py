@@ -9,7 +9,7 @@ per-sequence topk) is counted the same way, under the same DeepSpeed config, and
 megaslm's totals minus the loop's (every source counted: DeepSpeed's too).
 
 Each rank runs the real trainer with torch.distributed's collectives and the tensor methods that wait for a
-device (`item`, `tolist`, `__bool__`, `nonzero`) wrapped by counters. Counts are taken over steps after the first
+device (`item`, `tolist`, `__bool__`, `nonzero`, `__float__`, `__int__`) wrapped by counters. Counts are taken over steps after the first
 (steady state), per step, split by the code that issued them: megaslm (by function) and DeepSpeed. On a CPU
 `item` does not wait for anything, but on a GPU each of these is a stall of the host. Prints a table.
 """
@@ -31,23 +31,24 @@ sys.path.insert(0, str(REPO / "bench"))
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                "broadcast", "barrier", "all_to_all_single", "all_gather_object", "all_reduce_coalesced")
-SYNCS = ("item", "tolist", "__bool__", "nonzero")
+SYNCS = ("item", "tolist", "__bool__", "nonzero", "__float__", "__int__")
 
 
 def _caller() -> str:
-    """Who issued the call: the innermost megaslm function on the stack, or DeepSpeed (and from which megaslm
-    function) when DeepSpeed code sits between the two."""
+    """Who issued the call: the innermost megaslm function on the stack, or DeepSpeed / transformers (their
+    innermost function, and from which megaslm function) when their code sits between the two."""
     import traceback
 
     frames = traceback.extract_stack()[:-2]  # drop this function and the counting wrapper
-    deepspeed = False
+    lib = None
     for f in reversed(frames):
-        if "/deepspeed/" in f.filename:
-            deepspeed = True
-        elif "/megaslm/" in f.filename:
+        for name in ("deepspeed", "transformers", "torch/optim"):
+            if lib is None and f"/{name}/" in f.filename:
+                lib = f"{name.replace('/', '.')} {Path(f.filename).stem}.{f.name}"
+        if "/megaslm/" in f.filename:
             where = f"{Path(f.filename).stem}.{f.name}"
-            return f"deepspeed, under megaslm {where}" if deepspeed else f"megaslm {where}"
-    return "deepspeed" if deepspeed else "other"
+            return f"{lib}, under megaslm {where}" if lib else f"megaslm {where}"
+    return lib or "other"
 
 
 def worker(out: str, argv: list[str]) -> None:
@@ -109,15 +110,21 @@ def worker(out: str, argv: list[str]) -> None:
         Path(f"{out}.{rank}").write_text(json.dumps(rows))
 
 
-def run(root: Path, shards: str, model: str, objective: str, repo: Path, steps: int, loop: bool = False) -> list:
+def run(root: Path, shards: str, model: str, objective: str, repo: Path, steps: int, loop: bool = False,
+        weight_decay: float | None = None) -> list:
     from bench_vs_naive import launch, megaslm_config, torchrun
 
-    out = root / f"counts_{objective}{'_loop' if loop else ''}"
+    out = root / f"counts_{objective}{'_loop' if loop else ''}{'' if weight_decay is None else '_wd'}"
     if loop:
         argv = ["loop", objective, "128", "2", str(steps), shards, model]
     else:
-        argv = ["train", str(megaslm_config(root, shards, model, objective, 128, 2, steps, False,
-                                            root / f"run_{objective}"))]
+        path = megaslm_config(root, shards, model, objective, 128, 2, steps, False,
+                              root / f"run_{objective}{'' if weight_decay is None else '_wd'}")
+        if weight_decay is not None:
+            cfg = yaml.safe_load(path.read_text())
+            cfg["train"]["weight_decay"] = weight_decay
+            path.write_text(yaml.safe_dump(cfg))
+        argv = ["train", str(path)]
     launch(torchrun(str(Path(__file__).resolve()), "--worker", str(out), *argv), repo)
     return json.loads(Path(f"{out}.0").read_text())
 
@@ -156,10 +163,15 @@ def main() -> None:
             ours = _print(rows, f"{objective.upper()} (global scope, ratio 0.6), rank 0, per step (steady state), "
                                 f"checkout {repo}")
             if args.loop:
+                # The loop hands DeepSpeed one parameter group (weight decay on everything); megaslm keeps norms and
+                # biases out of the decay, in a second group, unless train.weight_decay is 0.
+                one = _print(run(root, shards, model, objective, repo, args.steps, weight_decay=0.0),
+                             f"{objective.upper()}, megaslm with train.weight_decay 0 (one parameter group)")
                 theirs = _print(run(root, shards, model, objective, repo, args.steps, loop=True),
                                 f"{objective.upper()}, the hand-written loop (bench_vs_naive), rank 0, per step")
-                print(f"  megaslm minus the loop: {ours['sync'] - theirs['sync']:+g} host syncs, "
-                      f"{ours['collective'] - theirs['collective']:+g} collectives")
+                for name, t in (("megaslm", ours), ("megaslm, one parameter group,", one)):
+                    print(f"  {name} minus the loop: {t['sync'] - theirs['sync']:+g} host syncs, "
+                          f"{t['collective'] - theirs['collective']:+g} collectives")
 
 
 if __name__ == "__main__":

@@ -66,13 +66,18 @@ class Metrics(dict):
         return self
 
     @staticmethod
-    def resolve_all(parts: list) -> None:
-        """Bring the device terms of every Metrics in `parts` to the host in one transfer, and resolve them."""
+    def resolve_all(parts: list, extra: list | tuple = ()) -> list[float]:
+        """Bring the device terms of every Metrics in `parts` to the host in one transfer, and resolve them.
+        `extra`: other 0-dim device tensors to bring in the same transfer; returns their host values."""
         slots = [(m, name, i) for m in parts if isinstance(m, Metrics)
                  for name, term in m.terms.items() for i in (1, 2) if isinstance(term[i], torch.Tensor)]
-        if not slots:
-            return
-        values = torch.stack([m.terms[name][i] for m, name, i in slots]).tolist()  # sync point: the step's figures
+        if not slots and not extra:
+            return []
+        tensors = [m.terms[name][i] for m, name, i in slots]
+        dev = tensors[0].device if tensors else None
+        tensors += [torch.as_tensor(x).to(dev, torch.float64).reshape(()) for x in extra]  # e.g. a norm off-device
+        values = torch.stack(tensors).tolist()  # sync point: the step's figures
+        values, rest = values[:len(slots)], values[len(slots):]
         for (m, name, i), v in zip(slots, values):
             term = list(m.terms[name])
             term[i] = v
@@ -80,6 +85,7 @@ class Metrics(dict):
         for m in {id(m): m for m, _, _ in slots}.values():
             for name in m.terms:
                 m._resolve(name)
+        return rest
 
     @classmethod
     def combine(cls, parts: list) -> Metrics:
@@ -113,7 +119,11 @@ def objective_metrics(sums: dict, w, objective, group, num_sources: int) -> Metr
     m.total("n_valid", sums["n_valid"])
     if "stop_requested" in sums:
         m.total("stop_requested", sums["stop_requested"])
-    m.ratio("loss", sums["wl"], sums["w"])
+    wl, scored = sums["wl"], True
+    if "n_nan" in sums:  # a NaN score voids the step (see Objective): its loss is NaN, its order statistics absent
+        wl = torch.where(sums["n_nan"] > 0, math.nan, wl)
+        scored = sums["n_nan"] == 0
+    m.ratio("loss", wl, sums["w"])
     m.ratio("loss_all", sums["all_loss"], sums["n_valid"])
     srcs = sums["_sources"]
     for i in range(num_sources if len(srcs) else 0):
@@ -137,9 +147,9 @@ def objective_metrics(sums: dict, w, objective, group, num_sources: int) -> Metr
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
         threshold = t
     if threshold is not None:
-        m.mean("threshold", *present(n_sel > 0, threshold))
+        m.mean("threshold", *present((n_sel > 0) & scored, threshold))
     for q, v in zip(EXCESS_QUANTILES, w.quantiles):
-        m.mean(f"excess_p{round(q * 100)}", *present(v == v, v))
+        m.mean(f"excess_p{round(q * 100)}", *present((v == v) & scored, v))
     for i in range(num_sources if len(srcs) else 0):
         m.ratio(f"selected_frac/{i}", srcs[num_sources + i], srcs[i])
     return m

@@ -39,18 +39,18 @@ class _Every(Weighting):
         return Weights(valid.float(), valid)
 
     def local_mass(self, ratio, scope, row_counts):
-        return float(row_counts.sum())
+        return row_counts.sum().double()
 
     def global_mass(self, ratio, scope, n_valid, summed_local):
-        return float(n_valid)
+        return n_valid
 
 
 @dataclass(frozen=True)
 class StepNorm:
     """How the micro-steps of one optimizer step are normalised; identical on every rank."""
     micro_steps: int
-    n_valid: float  # labelled tokens of the whole step, all ranks (a 0-dim device tensor for one micro-step)
-    mass: float | None  # sum of the weights of the whole step, all ranks (None: not known before the forwards)
+    n_valid: torch.Tensor  # float64 []: labelled tokens of the whole step, all ranks (on the device)
+    mass: torch.Tensor | None  # float64 []: sum of the step's weights, all ranks (None: not known before the forwards)
 
 
 class Objective:
@@ -114,6 +114,10 @@ class Objective:
         sums = _global_sums(token_loss, ref_loss if self.needs_reference else None, valid, w,
                             self.weighting.sums(w, valid), source, num_sources, group, stop_requested)
         w_micro, n_micro = sums["w"], sums["n_valid"]  # float64 on the device: no host sync per micro-step
+        if "n_nan" in sums:
+            # A NaN score leaves no top k: the loss (and so every gradient) becomes NaN, on every rank at once (the
+            # count is all-reduced with the sums), and the skip guard drops the step. No host sync decides it.
+            weighted_sum = weighted_sum * torch.where(sums["n_nan"] > 0, torch.nan, 1.0).float()
         if step is None:
             step = StepNorm(1, n_micro, w_micro if self.weighting.mass_known else None)
         # DeepSpeed divides by grad_accum and averages over the dp ranks: undo both, then divide by the step's mass.
@@ -147,22 +151,24 @@ class Objective:
 def plan_step(valids: list[torch.Tensor], *, weighting: str | Weighting, ratio: float, scope: str,
               dp_group: dist.ProcessGroup | None = None) -> StepNorm:
     """The StepNorm of the micro-batches `valids` ([B, T] bool each, this rank's, in micro-step order).
-    One all-reduce for the whole step; every rank of dp_group must call it together."""
+    One all-reduce for the whole step and no host sync; every rank of dp_group must call it together."""
     if isinstance(weighting, str):
         weighting = _Every() if weighting == "clm" else rules.WEIGHTINGS[weighting]()
     group = resolve_group(dp_group)
+    dev = valids[0].device
     local = []
     for v in valids:
         rows = v.bool().sum(dim=1)
         m = weighting.local_mass(ratio, scope, rows)
-        local += [float(rows.sum()), m if m is not None else 0.0]
-    sums = torch.tensor(local, dtype=torch.float64, device=valids[0].device)
+        local += [rows.sum().double(), torch.as_tensor(0.0 if m is None else m, dtype=torch.float64, device=dev)]
+    sums = torch.stack(local)
     if group is not None:
-        dist.all_reduce(sums, group=group)  # sync point: the step's normaliser is global
-    counts = sums.view(-1, 2).tolist()
-    masses = [weighting.global_mass(ratio, scope, int(n), m) for n, m in counts]
-    mass = None if any(m is None for m in masses) else float(sum(masses))
-    return StepNorm(len(valids), float(sum(n for n, _ in counts)), mass)
+        dist.all_reduce(sums, group=group)  # sync point: the step's normaliser is global (it stays on the device)
+    counts = sums.view(-1, 2).unbind()
+    masses = [weighting.global_mass(ratio, scope, nm[0], nm[1]) for nm in counts]
+    # Python's sum: the micro-steps' masses add left to right, in the order (and so to the bits) of host floats.
+    mass = None if any(m is None for m in masses) else sum(masses)
+    return StepNorm(len(valids), sum(nm[0] for nm in counts), mass)
 
 
 def slm_ratio(ratio: float, step: int, start_step: int = 0, warmup_steps: int = 0) -> float | None:
@@ -233,6 +239,8 @@ def _global_sums(token_loss, ref_loss, valid, w, extra, source, num_sources, gro
     }
     if ref_loss is not None:
         parts["ref"] = torch.where(valid, ref_loss.detach().double(), 0.0).sum()
+    if w.n_nan is not None:
+        parts["n_nan"] = w.n_nan.double()  # global scope: already the group's; summed by each rank below
     parts.update(extra)
     if stop_requested is not None:
         parts["stop_requested"] = wd.new_tensor(float(stop_requested))

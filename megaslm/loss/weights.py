@@ -11,6 +11,7 @@ a new rule is a new module there plus its test, and the config's choices are the
     Score:     score(token_loss, ref_loss, head) -> [B, T]         (detached floats; head: extra head outputs)
     Weighting: weights(score, valid, ratio, scope, group) -> Weights
                local_mass(ratio, scope, row_counts) / global_mass(ratio, scope, n_valid, summed_local)
+                                                                  (device tensors: no host sync)
                sums(weights, valid) -> {name: 0-dim float64}      (summed over the dp group with the others)
                metrics(m, sums)                                   (its own figures, from the summed values)
 """
@@ -29,8 +30,12 @@ EXCESS_QUANTILES = (0.1, 0.5, 0.9)
 class Weights:
     weights: torch.Tensor  # float [B, T], 0 where not valid
     selected: torch.Tensor  # bool [B, T]: the top-k tokens (== valid for clm)
-    threshold: float | None = None  # score of the k-th selected token (local scopes: the lowest selected)
-    quantiles: list[float] = field(default_factory=list)  # of the valid scores, at EXCESS_QUANTILES
+    # Device tensors (nothing here waits for the device): the score of the k-th selected token (local scopes: the
+    # lowest selected), float64 []; the quantiles of the valid scores at EXCESS_QUANTILES, float64 [3]; the labelled
+    # tokens with a NaN score, int64 [] (> 0 voids the step: its loss becomes NaN and the skip guard drops it).
+    threshold: torch.Tensor | None = None
+    quantiles: torch.Tensor | list = field(default_factory=list)
+    n_nan: torch.Tensor | None = None
 
 
 class Score:
@@ -71,12 +76,15 @@ class Weighting:
     def weights(self, score, valid, ratio: float, scope: str, group) -> Weights:
         raise NotImplementedError
 
-    def local_mass(self, ratio: float, scope: str, row_counts: torch.Tensor) -> float | None:
-        """This rank's part of sum(w) from its labelled tokens per row (None: not known from counts)."""
+    def local_mass(self, ratio: float, scope: str, row_counts: torch.Tensor) -> torch.Tensor | float | None:
+        """This rank's part of sum(w) from its labelled tokens per row (None: not known from counts). Computed on
+        the device (row_counts: int64 [B]), so that planning a step waits for nothing."""
         return None
 
-    def global_mass(self, ratio: float, scope: str, n_valid: int, summed_local: float) -> float | None:
-        """sum(w) over the data-parallel group for one micro-step, from the all-reduced counts."""
+    def global_mass(self, ratio: float, scope: str, n_valid: torch.Tensor,
+                    summed_local: torch.Tensor) -> torch.Tensor | None:
+        """sum(w) over the data-parallel group for one micro-step, from the all-reduced counts (0-dim float64
+        device tensors: the group's labelled tokens and the sum of the ranks' local_mass)."""
         return summed_local if self.mass_known else None
 
     def sums(self, w: Weights, valid: torch.Tensor) -> dict[str, torch.Tensor]:

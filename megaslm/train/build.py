@@ -58,7 +58,10 @@ def build_ds_config(cfg: Config, base: dict, dp_size: int, dtype: torch.dtype) -
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; norms and biases are not decayed."""
+    """Weight decay on matrices only; norms and biases are not decayed. Without weight decay, one group: ZeRO
+    steps, all-gathers and norms each group on its own (a collective and two host syncs more per step)."""
+    if weight_decay == 0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:

@@ -51,13 +51,14 @@ class SkipGuard(Callback):
         self._micro: list[dict] = []  # the objective's metrics of this step's micro-steps
         self._reason: str | None = None
         self._decided = False
+        self._grad_norm: float | None = None  # this step's, read with the metrics when the step was judged
 
     # -- hooks
     def on_train_start(self, trainer) -> None:
         install_gate(trainer.engine, self._apply)
 
     def pre_step(self, trainer) -> None:
-        self._micro, self._reason, self._decided = [], None, False
+        self._micro, self._reason, self._decided, self._grad_norm = [], None, False, None
 
     def pre_optimizer(self, trainer, stats: dict) -> None:
         self.observe(stats)  # before the boundary step(), which applies or skips the update
@@ -92,18 +93,31 @@ class SkipGuard(Callback):
                  f"steps, lower train.lr, or raise train.max_skipped_steps", trainer.rank)
 
     # -- the decision
+    def grad_norm(self, engine) -> float | None:
+        """The step's global gradient norm on the host: the value the guard judged (no transfer of its own), else
+        the engine's (DeepSpeed's overflow path sets a host inf; a gradient norm it does not compute is None)."""
+        if self._decided:
+            return self._grad_norm
+        gn = engine.get_global_grad_norm()
+        return float(gn) if gn is not None else None
+
     def step_loss(self) -> float | None:
         """Token-weighted mean loss of the step's micro-steps (None if none had tokens to average)."""
-        Metrics.resolve_all(self._micro)  # one host transfer for all micro-steps of the step
+        Metrics.resolve_all(self._micro)  # one host transfer for all micro-steps of the step (none if done)
         micro = [(st.get("loss"), float(st.get("n_selected", st.get("n_valid", 1.0)))) for st in self._micro]
         parts = [(loss, n) for loss, n in micro if loss is not None and n > 0]
         total = sum(n for _, n in parts)
         return sum(loss * n for loss, n in parts) / total if total else None
 
-    def _apply(self, grad_norm: float | None) -> bool:
-        """Called by the gated optimizer step (possibly once per parameter group): apply the update?"""
+    def _apply(self, grad_norm) -> bool:
+        """Called by the gated optimizer step (once per parameter group) with ZeRO's global gradient norm (a device
+        tensor, a float or None): apply the update? Judged once per step, the norm and the step's metrics coming
+        to the host in one transfer: the step's one host sync of megaslm's own."""
         if not self._decided:
-            self._reason, self._decided = self._judge(grad_norm), True
+            extra = [grad_norm] if isinstance(grad_norm, torch.Tensor) else []
+            host = Metrics.resolve_all(self._micro, extra)
+            self._grad_norm = float(host[0] if extra else grad_norm) if grad_norm is not None else None
+            self._reason, self._decided = self._judge(self._grad_norm), True
         return self._reason is None
 
     def _judge(self, grad_norm: float | None) -> str | None:
@@ -132,13 +146,6 @@ class SkipGuard(Callback):
         self.consecutive = int(state["consecutive"])
 
 
-def nan_step(token_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(loss, metrics) of a micro-step whose SLM selection found NaN losses (NaNScoreError): a NaN loss to
-    backpropagate, so that the step is skipped like any other with a non-finite loss. Every rank gets here
-    together: the selection raises after all-reducing its NaN count."""
-    return token_loss.sum() * float("nan"), {"loss": float("nan")}
-
-
 def install_gate(engine, apply) -> None:
     """Make the torch optimizer(s) inside the engine's ZeRO optimizer step only when apply(grad_norm) is True."""
     outer = engine.optimizer
@@ -150,8 +157,7 @@ def install_gate(engine, apply) -> None:
 
         @functools.wraps(original)  # keeps the attributes torch's lr scheduler put on its own wrapper
         def gated(*args, _original=original, **kwargs):
-            norm = getattr(outer, "_global_grad_norm", None)  # ZeRO's all-reduced norm of this step
-            norm = float(norm) if norm is not None else None
+            norm = getattr(outer, "_global_grad_norm", None)  # ZeRO's all-reduced norm of this step (on the device)
             return _original(*args, **kwargs) if apply(norm) else None
 
         gated._megaslm_gated = True

@@ -22,7 +22,7 @@ from megaslm.callbacks import Callback, StateRegistry
 from megaslm.config import Config
 from megaslm.data.loader import model_inputs
 from megaslm.faults import FaultInjection
-from megaslm.loss import NaNScoreError, Objective
+from megaslm.loss import Objective
 from megaslm.loss.metrics import Metrics
 from megaslm.loss.objective import slm_ratio
 from megaslm.model.build import zero_stage
@@ -32,7 +32,7 @@ from megaslm.protocols import Loader, ReferenceLosses
 from megaslm.runtime import start_run
 from megaslm.train import checkpoint
 from megaslm.train.build import build_data, build_model, load_ds_json, make_loader, run_info, write_run_files
-from megaslm.train.guard import SkipGuard, nan_step
+from megaslm.train.guard import SkipGuard
 from megaslm.train.records import Logging, MixtureMetrics, Throughput, Validation
 
 ReferenceFactory = Callable[["Trainer"], ReferenceLosses]
@@ -142,15 +142,13 @@ class Trainer:
             ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"],
                                                   **extra})
         source = batch.get("source")
-        try:
-            loss, stats = objective(
-                token_loss, labels != -100, ratio=ratio, ref_loss=ref_loss, head=tensors,
-                dp_group=self.groups.dp_group, step=norm, source=source.to(self.device) if source is not None else None,
-                num_sources=len(self.source_names) if source is not None else 0,
-                # The stop check rides on the last micro-step's metrics all-reduce (no collective of its own).
-                stop_requested=self.preemption.requested() if last else None)
-        except NaNScoreError:  # SLM's selection refuses NaN losses, on every rank at once (a stop waits a step)
-            loss, stats = nan_step(token_loss)
+        # A NaN score (no top k) makes the loss NaN on every rank at once; the skip guard then drops the step.
+        loss, stats = objective(
+            token_loss, labels != -100, ratio=ratio, ref_loss=ref_loss, head=tensors,
+            dp_group=self.groups.dp_group, step=norm, source=source.to(self.device) if source is not None else None,
+            num_sources=len(self.source_names) if source is not None else 0,
+            # The stop check rides on the last micro-step's metrics all-reduce (no collective of its own).
+            stop_requested=self.preemption.requested() if last else None)
         for cb in self.callbacks:
             cb.pre_optimizer(self, stats)  # the skip guard: before the boundary step(), which applies or skips
         self.engine.backward(loss)
@@ -185,8 +183,7 @@ class Trainer:
         self.stop_requested = rec.pop("stop_requested", 0) > 0
         rec["step"] = self.step
         rec["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
-        gn = self.engine.get_global_grad_norm()
-        rec["grad_norm"] = float(gn) if gn is not None else None
+        rec["grad_norm"] = self.guard.grad_norm(self.engine)  # read with the metrics, in the guard's one transfer
         self.speed.fill(rec, self.step, dt, self.loader.epoch)
         for cb in self.callbacks:  # ... validation and logging last
             cb.post_step(self, rec)

@@ -260,3 +260,24 @@ def _dp_worker(rank, world):
 
 def test_dp2_gradient_equals_dp1_on_concatenated_batch():
     run_gloo(_dp_worker, 2)
+
+
+def _nan_worker(rank, world):
+    """A NaN score on rank 0 only: every rank's loss is NaN in the same micro-step (the NaN count rides on the
+    metrics all-reduce), for the local scopes too, and no rank is left in a collective."""
+    inputs, labels, ref_loss, _, _, _ = _model_and_batch()
+    rows = slice(2 * rank, 2 * rank + 2)
+    valid = labels[rows] != -100
+    ref = ref_loss[rows].clone()
+    if rank == 0:
+        ref[valid] = float("nan")
+    token_loss = torch.rand(2, 6, generator=torch.Generator().manual_seed(rank)).requires_grad_()
+    for scope in ("sequence", "rank", "global"):
+        loss, stats = compute_objective(token_loss, ref, valid, objective="slm", ratio=0.5, scope=scope,
+                                        dp_group=dist.group.WORLD)
+        assert torch.isnan(loss) and math.isnan(stats["loss"]), scope
+        assert "threshold" not in stats, scope
+
+
+def test_nan_score_on_one_rank_voids_the_step_on_every_rank():
+    run_gloo(_nan_worker, 2)

@@ -216,3 +216,54 @@ def test_step_normalization_is_token_weighted_over_micro_steps(objective):
     whole, _ = compute_objective(token_loss, ref_loss, valid, objective=objective, ratio=0.5, scope="sequence")
     torch.testing.assert_close(total, whole)
     torch.testing.assert_close(_grad(total, token_loss), _grad(whole, token_loss))
+
+
+_SYNCS = ("item", "tolist", "__bool__", "nonzero", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("weighting", ["topk", "soft", "cvar"])
+@pytest.mark.parametrize("scope", ["sequence", "rank", "global"])
+def test_objective_and_step_plan_make_no_host_sync(weighting, scope, monkeypatch):
+    """Planning a step and every micro-step of the objective wait for nothing on the device (the tensor methods
+    that would are counted while they run); the figures reach the host in one transfer afterwards, equal to a
+    one-micro-step objective's."""
+    from megaslm.loss import Metrics, Objective
+
+    token_loss, ref_loss, valid, source = _batch(11, rows=4, cols=9)
+    obj = Objective("slm", weighting=weighting, score="excess", scope=scope)
+    halves = (slice(0, 2), slice(2, 4))
+    calls = []
+    for name in _SYNCS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k: (calls.append(_n),
+                                                                                           _real(self, *a, **k))[1])
+    norm = obj.plan_step([valid[h] for h in halves], 0.4)
+    parts = [obj(token_loss[h], valid[h], ratio=0.4, ref_loss=ref_loss[h], step=norm, source=source[h],
+                 num_sources=3) for h in halves]
+    monkeypatch.undo()
+    assert calls == []
+    stats = [m for _, m in parts]
+    assert all(m.on_device for m in stats)
+    Metrics.resolve_all(stats)
+    for (_, m), h in zip(parts, halves):
+        _, alone = compute_objective(token_loss[h], ref_loss[h], valid[h], objective=obj, ratio=0.4,
+                                     source=source[h], num_sources=3)
+        assert dict(m) == dict(alone)
+
+
+@pytest.mark.parametrize("scope", ["sequence", "rank", "global"])
+def test_nan_score_voids_the_micro_step(scope):
+    """A NaN score on a labelled token leaves no top k: the loss, its gradient and the loss figure are NaN (the skip
+    guard drops the step), and the figures that rank the scores are left out instead of garbage."""
+    token_loss, ref_loss, valid, _ = _batch(12)
+    r, c = valid.nonzero()[0].tolist()
+    ref_loss[r, c] = float("nan")
+    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope=scope)
+    assert torch.isnan(loss) and torch.isnan(_grad(loss, token_loss)).any()  # so the grad norm is NaN too
+    assert math.isnan(stats["loss"])
+    assert not {"threshold", "excess_p10", "excess_p50", "excess_p90"} & stats.keys()
+    # The same NaN on an unlabelled position is ignored.
+    ref_loss[r, c] = 1.0
+    ref_loss[~valid] = float("nan")
+    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope=scope)
+    assert torch.isfinite(loss) and math.isfinite(stats["loss"]) and "threshold" in stats

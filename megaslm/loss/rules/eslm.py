@@ -51,10 +51,10 @@ class CVaR(Weighting):
         # k - c tokens lie strictly above t; the tied ones share what is left of ratio * n.
         share = torch.where(c > 0, (_exact(ratio) * n - (k - c)) / c.clamp_min(1), 0.0).float()
         weights = torch.where(tied, share, sel.float())
-        return Weights(weights, sel, w.threshold, w.quantiles)
+        return Weights(weights, sel, w.threshold, w.quantiles, w.n_nan)
 
     def local_mass(self, ratio, scope, row_counts):
-        return _exact(ratio) * float(row_counts.sum())
+        return _exact(ratio) * row_counts.sum().double()
 
     def global_mass(self, ratio, scope, n_valid, summed_local):
         return _exact(ratio) * n_valid

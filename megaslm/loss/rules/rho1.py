@@ -16,18 +16,19 @@ import math
 import torch
 
 from megaslm.loss.metrics import present
-from megaslm.loss.selection import num_to_keep, select_with_quantiles
+from megaslm.loss.selection import keep_count, select_on_device
 from megaslm.loss.weights import (EXCESS_QUANTILES, Score, Weighting, Weights, register_score,
                                   register_weighting)
 
 
 def top_k(score, valid, ratio, scope, group) -> Weights:
-    """The top-k mask as 0/1 weights, with its threshold and the score quantiles (shared by the weightings)."""
-    mask, threshold, quantiles = select_with_quantiles(score, valid, ratio, scope, EXCESS_QUANTILES, group)
-    return Weights(mask.float(), mask, threshold, quantiles)
+    """The top-k mask as 0/1 weights, with its threshold and the score quantiles (shared by the weightings); all
+    on the device."""
+    sel = select_on_device(score, valid, ratio, scope, EXCESS_QUANTILES, group)
+    return Weights(sel.mask.float(), sel.mask, sel.threshold, sel.quantiles, sel.n_nan)
 
 
-def thresholds(score: torch.Tensor, mask: torch.Tensor, scope: str, threshold: float) -> torch.Tensor | float:
+def thresholds(score: torch.Tensor, mask: torch.Tensor, scope: str, threshold: torch.Tensor) -> torch.Tensor:
     """The threshold each token is compared with: one value for "global", per row / per rank otherwise."""
     if scope == "global":
         return threshold
@@ -45,13 +46,13 @@ class TopK(Weighting):
 
     def local_mass(self, ratio, scope, row_counts):
         if scope == "sequence":
-            return float(sum(num_to_keep(ratio, int(n)) for n in row_counts.tolist()))
+            return keep_count(ratio, row_counts).sum().double()
         if scope == "rank":
-            return float(num_to_keep(ratio, int(row_counts.sum())))
+            return keep_count(ratio, row_counts.sum()).double()
         return 0.0  # global: known only after the all-reduce of the counts
 
     def global_mass(self, ratio, scope, n_valid, summed_local):
-        return float(num_to_keep(ratio, n_valid)) if scope == "global" else summed_local
+        return keep_count(ratio, n_valid).double() if scope == "global" else summed_local
 
 
 @register_weighting
@@ -73,7 +74,7 @@ class Soft(Weighting):
         w = top_k(score, valid, ratio, scope, group)
         t = thresholds(score, w.selected, scope, w.threshold)
         soft = torch.sigmoid((score.detach().float() - t) / self.temperature)
-        return Weights(torch.where(valid, soft, 0.0), w.selected, w.threshold, w.quantiles)
+        return Weights(torch.where(valid, soft, 0.0), w.selected, w.threshold, w.quantiles, w.n_nan)
 
     def sums(self, w, valid):
         wd = w.weights.double()
