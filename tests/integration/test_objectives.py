@@ -208,3 +208,24 @@ def test_grad_accum_with_unequal_label_counts_equals_one_big_batch(tmp_path, tin
     # Adam turns float-summation noise in near-zero gradients into visible updates: the parameters agree to
     # a few percent of one step (lr 3e-3); loss and gradient norm above are the sharp checks.
     torch.testing.assert_close(a["params"], b["params"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_training_step_waits_on_the_device_only_for_its_figures_and_the_compaction(tmp_path, tiny_data, good):
+    """bench/count_step_syncs.py's counters around a real SLM run (global scope, 2 micro-steps, a reference):
+    per steady-state step, megaslm's own code makes one host transfer (the figures and the grad norm, read by the
+    skip guard) and one `nonzero` per micro-step (the head's compaction of the selected tokens); no `item`,
+    `float(t)` or `if t:` of its own. DeepSpeed's, transformers' and torch.optim's calls are theirs."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    cfg = config(tmp_path / "run", tiny_data, reference={"path": good}, train={"steps": 5, "grad_accum": 2})
+    out = tmp_path / "counts"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "count_step_syncs.py"), "--worker", str(out), "train",
+                          str(write_config(tmp_path / "c.yaml", cfg))], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = json.loads((tmp_path / "counts.0").read_text())
+    ours = {f"{name} {where}": n for kind, name, where, n in rows if kind == "sync" and where.startswith("megaslm ")}
+    assert ours == {"tolist megaslm metrics.resolve_all": 1, "nonzero megaslm per_token_ce.backward": 2}
