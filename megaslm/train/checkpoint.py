@@ -258,7 +258,7 @@ def resume(engine, ckpt_root: Path, resume_from: str, say, config: dict | None =
             say(f"megaslm: checkpoint {tag} has no manifest (written before megaslm recorded them): "
                 f"loading it without verification")
         if problem is None:
-            state, problem, other_config = _try_load(engine, ckpt_root, tag)
+            state, problem, other_config = _try_load(engine, ckpt_root, tag, config)
             if other_config:
                 raise UserError(other_config_message(ckpt_root, tag, problem, config))
             if problem is None:
@@ -285,7 +285,7 @@ def _forget(ckpt_root: Path, say) -> None:
         (ckpt_root / POINTER).unlink(missing_ok=True)
 
 
-def _try_load(engine, ckpt_root: Path, tag: str) -> tuple[dict | None, str | None, bool]:
+def _try_load(engine, ckpt_root: Path, tag: str, config: dict | None = None) -> tuple[dict | None, str | None, bool]:
     """(client state, problem, whether the problem is another configuration's model rather than damage)."""
     outcome = None
     try:
@@ -293,7 +293,7 @@ def _try_load(engine, ckpt_root: Path, tag: str) -> tuple[dict | None, str | Non
     except Exception as e:  # noqa: BLE001 - any failure inside DeepSpeed's load is reported the same way
         state = None
         damage = manifest.diagnose(ckpt_root / tag)
-        shapes = None if damage else model_mismatch(e)
+        shapes = None if damage else (model_mismatch(e) or group_layout_change(ckpt_root.parent, config))
         outcome = (damage or shapes or f"loading failed: {type(e).__name__}: {e}", shapes is not None)
     agreed = _agree(outcome, name_rank=False)
     return (state, None, False) if agreed is None else (None, *agreed)
@@ -322,6 +322,23 @@ def model_mismatch(e: BaseException) -> str | None:
         where = "this run's model lacks" if m.group(1) == "Unexpected" else "the checkpoint lacks"
         return f"{where} {keys[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''} (another architecture)"
     return None
+
+
+def group_layout_change(run_dir: Path, config: dict | None) -> str | None:
+    """Why the optimizer state cannot load when train.weight_decay crossed 0 since the run that saved it (one
+    parameter group without decay, two with: megaslm/train/build.py param_groups); None otherwise."""
+    import yaml
+
+    try:
+        old = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("train", {}).get("weight_decay")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    new = ((config or {}).get("train") or {}).get("weight_decay")
+    if old is None or new is None or (float(old) == 0) == (float(new) == 0):
+        return None
+    return (f"its optimizer state has {1 if float(old) == 0 else 2} parameter group(s) (train.weight_decay {old}), "
+            f"this run's {1 if float(new) == 0 else 2} (train.weight_decay {new}; 0 means one group, any other "
+            f"value two: decay and no decay)")
 
 
 def _config_differences(saved: Path, config: dict | None, limit: int = 4) -> str:
