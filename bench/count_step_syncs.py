@@ -114,12 +114,12 @@ def run(root: Path, shards: str, model: str, objective: str, repo: Path, steps: 
         weight_decay: float | None = None) -> list:
     from bench_vs_naive import launch, megaslm_config, torchrun
 
-    out = root / f"counts_{objective}{'_loop' if loop else ''}{'' if weight_decay is None else '_wd'}"
+    name = f"{objective}{'_loop' if loop else ''}{'' if weight_decay is None else '_wd'}"
+    out = root / f"counts_{name}"
     if loop:
         argv = ["loop", objective, "128", "2", str(steps), shards, model]
     else:
-        path = megaslm_config(root, shards, model, objective, 128, 2, steps, False,
-                              root / f"run_{objective}{'' if weight_decay is None else '_wd'}")
+        path = megaslm_config(root, shards, model, objective, 128, 2, steps, False, root / f"run_{name}")
         if weight_decay is not None:
             cfg = yaml.safe_load(path.read_text())
             cfg["train"]["weight_decay"] = weight_decay

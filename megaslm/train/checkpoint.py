@@ -327,29 +327,32 @@ def model_mismatch(e: BaseException) -> str | None:
 def group_layout_change(run_dir: Path, config: dict | None) -> str | None:
     """Why the optimizer state cannot load when train.weight_decay crossed 0 since the run that saved it (one
     parameter group without decay, two with: megaslm/train/build.py param_groups); None otherwise."""
+    old = ((_saved_config(run_dir / "config.yaml") or {}).get("train") or {}).get("weight_decay")
+    new = ((config or {}).get("train") or {}).get("weight_decay")
+    if old is None or new is None:
+        return None
+    groups_then, groups_now = (1 if float(wd) == 0 else 2 for wd in (old, new))
+    if groups_then == groups_now:
+        return None
+    return (f"its optimizer state has {groups_then} parameter group(s) (train.weight_decay {old}), this run's "
+            f"{groups_now} (train.weight_decay {new}; 0 means one group, any other value two: decay and no decay)")
+
+
+def _saved_config(saved: Path) -> dict | None:
+    """The config.yaml the old run saved, as a dict (None when it is missing or unreadable)."""
     import yaml
 
     try:
-        old = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("train", {}).get("weight_decay")
-    except (OSError, yaml.YAMLError, AttributeError):
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
         return None
-    new = ((config or {}).get("train") or {}).get("weight_decay")
-    if old is None or new is None or (float(old) == 0) == (float(new) == 0):
-        return None
-    return (f"its optimizer state has {1 if float(old) == 0 else 2} parameter group(s) (train.weight_decay {old}), "
-            f"this run's {1 if float(new) == 0 else 2} (train.weight_decay {new}; 0 means one group, any other "
-            f"value two: decay and no decay)")
+    return old if isinstance(old, dict) else None
 
 
 def _config_differences(saved: Path, config: dict | None, limit: int = 4) -> str:
     """'key a -> b, ...' between the config saved with the old run and this run's, or '' if either is missing."""
-    import yaml
-
-    if config is None or not saved.is_file():
-        return ""
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    old = _saved_config(saved)
+    if config is None or old is None:
         return ""
 
     def flat(d, prefix=""):

@@ -114,9 +114,9 @@ class SkipGuard(Callback):
         tensor, a float or None): apply the update? Judged once per step, the norm and the step's metrics coming
         to the host in one transfer: the step's one host sync of megaslm's own."""
         if not self._decided:
-            extra = [grad_norm] if isinstance(grad_norm, torch.Tensor) else []
-            host = Metrics.resolve_all(self._micro, extra)
-            self._grad_norm = float(host[0] if extra else grad_norm) if grad_norm is not None else None
+            if isinstance(grad_norm, torch.Tensor):
+                (grad_norm,) = Metrics.resolve_all(self._micro, [grad_norm])
+            self._grad_norm = None if grad_norm is None else float(grad_norm)
             self._reason, self._decided = self._judge(self._grad_norm), True
         return self._reason is None
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_cli, write_config
+from tests.conftest import REPO, read_metrics, run_cli, write_config
 from tests.distributed._spawn import run_gloo
 
 pytestmark = pytest.mark.slow
@@ -215,11 +217,6 @@ def test_a_training_step_waits_on_the_device_only_for_its_figures_and_the_compac
     per steady-state step, megaslm's own code makes one host transfer (the figures and the grad norm, read by the
     skip guard) and one `nonzero` per micro-step (the head's compaction of the selected tokens); no `item`,
     `float(t)` or `if t:` of its own. DeepSpeed's, transformers' and torch.optim's calls are theirs."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     cfg = config(tmp_path / "run", tiny_data, reference={"path": good}, train={"steps": 5, "grad_accum": 2})
     out = tmp_path / "counts"
     res = subprocess.run([sys.executable, str(REPO / "bench" / "count_step_syncs.py"), "--worker", str(out), "train",
