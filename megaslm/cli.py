@@ -70,7 +70,7 @@ def cmd_export(a) -> int:
     from megaslm.lease import warn_if_live
 
     warn_if_live(a.run_dir, "exporting its newest complete checkpoint as of now (the run may write newer ones)")
-    out = export(a.run_dir, a.out, tag=a.tag)
+    out = export(a.run_dir, a.out, tag=a.tag, force=a.force)
     print(f"exported Hugging Face model to {out}")
     return 0
 
@@ -249,6 +249,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True)
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    ex.add_argument("--force", action="store_true", help="write into a non-empty --out that is not an earlier "
+                    "export: its other files are kept (only an earlier export's files are replaced)")
     ex.set_defaults(func=cmd_export)
 
     sm = sub.add_parser("submit", help="write a Slurm batch script for a run and sbatch it")

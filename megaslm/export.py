@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from megaslm.atomic import umask
 from megaslm.errors import UserError
+from megaslm.export_dest import MANIFEST, check_destination, place, written_files
 from megaslm.parallel.tensor import consolidate_tp_checkpoint, merge_tp_shards, read_layout
 from megaslm.train import manifest
 from megaslm.train.checkpoint import candidates, list_tags
@@ -127,14 +128,15 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     return model, tag
 
 
-def export(run_dir: str, out: str, tag: str | None = None) -> Path:
+def export(run_dir: str, out: str, tag: str | None = None, force: bool = False) -> Path:
     run = Path(run_dir)
+    dest = Path(out)
+    check_destination(dest, force)  # before the minutes of consolidation
     model, tag = load_run_model(run, tag)
     info = json.loads((run / "run_info.json").read_text())
     dtype = getattr(torch, info.get("dtype", "float32"))
     model = model.to(dtype)
 
-    dest = Path(out)
     tmp = dest.with_name(dest.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     from transformers.utils import logging as hf_logging
@@ -146,15 +148,11 @@ def export(run_dir: str, out: str, tag: str | None = None) -> Path:
         from megaslm.data.tokenizer import load_tokenizer
 
         load_tokenizer(tok).save_pretrained(str(tmp))
-    (tmp / "megaslm_export.json").write_text(json.dumps({"run_dir": str(run.resolve()), "tag": tag,
-                                                          "tokenizer": tok}, indent=2))
+    files = sorted({*written_files(tmp), MANIFEST})
+    (tmp / MANIFEST).write_text(json.dumps({"run_dir": str(run.resolve()), "tag": tag, "tokenizer": tok,
+                                            "files": files}, indent=2))
     for f in tmp.rglob("*"):  # safetensors writes model.safetensors 0600, whatever the umask
         if f.is_file() and not f.is_symlink():
             f.chmod(0o666 & ~umask())
-    old = dest.with_name(dest.name + ".old-export")
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    place(tmp, dest, force)
     return dest
