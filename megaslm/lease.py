@@ -41,6 +41,26 @@ class LeaseHeld(UserError):
     """A live run holds the lease."""
 
 
+_launch: "Lease | None" = None  # the lease this process took for its launch (rank 0 only): the fence checks
+
+
+def holding() -> bool:
+    """False once this process's launch lease is known lost (the heartbeat or a check saw it); no file read.
+    True in a process that holds no launch lease (another rank, a test): rank 0 decides for the launch."""
+    return _launch is None or not _launch.lost
+
+
+def still_holding() -> bool:
+    """The fence before a write to the run directory: rereads the lease file (one small read) and compares its
+    token with this launch's. True in a process without a launch lease."""
+    return _launch is None or _launch.verify()
+
+
+def lost_message(where: str = "") -> str:
+    """The one line a launch that lost its lease stops with, naming the new holder."""
+    return _launch.lost_message(where) if _launch is not None else f"this launch lost its lease{where}"
+
+
 def machine_id() -> str:
     """The boot id and pid namespace of this process: two processes that share it can test each other's pids."""
     try:
@@ -121,6 +141,8 @@ class Lease:
         self.heartbeat_s = heartbeat_s or self.stale_after_s / BEATS_PER_BOUND
         self.token = secrets.token_hex(8)
         self.held = False
+        self.lost = False  # set once the lease file is seen to be another holder's (or gone) while held
+        self.lost_to: dict | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -166,6 +188,27 @@ class Lease:
             os.replace(tmp, self.path)
             return True
 
+    def verify(self) -> bool:
+        """True while the lease file still carries this holder's token; otherwise marks the lease lost."""
+        if self.lost:
+            return False
+        cur = read_lease(self.path)
+        if cur and cur.get("token") == self.token:
+            return True
+        self._mark_lost(cur)
+        return False
+
+    def _mark_lost(self, cur: dict | None) -> None:
+        self.lost_to = cur or None
+        self.held = False
+        self.lost = True
+
+    def lost_message(self, where: str = "") -> str:
+        who = (holder_text(self.lost_to) if self.lost_to else
+               "another launch (the lease file is gone now: that launch may have ended)")
+        return (f"this launch lost the lease on {self.what}{where}: it was taken over by {who}. It stopped without "
+                f"writing anything more there; the directory is the other launch's now")
+
     # ------------------------------------------------------------------ take, keep, give back
     def acquire(self, *, force: bool = False, say=print) -> None:
         """Take the lease or raise LeaseHeld naming the holder; a takeover is announced with `say`."""
@@ -209,7 +252,8 @@ class Lease:
         raise LeaseHeld(f"{self.what}: could not take the lease {self.path}: other launches keep taking it")
 
     def start_heartbeat(self) -> None:
-        """Refresh the heartbeat from a daemon thread until release(); warn once if the lease is taken from us."""
+        """Refresh the heartbeat from a daemon thread until release(); once the lease is seen taken from us, mark
+        it lost and stop (the training loop then stops within a step and prints who holds it now)."""
         if self._thread is not None or not self.held:
             return
 
@@ -222,11 +266,7 @@ class Lease:
                           flush=True)
                     continue
                 if not ok and self.held:
-                    rec = read_lease(self.path)  # may be between a taker's rename and its create: absent
-                    now = f"; it is now held by {holder_text(rec)}" if rec else ""
-                    print(f"megaslm: warning: the lease on {self.what} was taken over by another launch{now}. This "
-                          f"run no longer holds it and stops refreshing it", file=sys.stderr, flush=True)
-                    self.held = False
+                    self._mark_lost(read_lease(self.path))  # may be between a taker's rename and create: absent
                     return
 
         self._thread = threading.Thread(target=beat, name="megaslm-lease", daemon=True)
@@ -235,6 +275,9 @@ class Lease:
     def release(self) -> None:
         """Remove the lease if it is still ours (never a taker's)."""
         self._stop.set()
+        global _launch
+        if _launch is self:
+            _launch = None
         with self._lock:
             if not self.held:
                 return
@@ -306,5 +349,7 @@ def acquire_for_launch(path: Path | str, what: str, *, force: bool, stale_after_
     elif refusal is not None:
         raise SystemExit(2)
     if lease is not None:
+        global _launch
+        _launch = lease
         lease.start_heartbeat()
     return lease

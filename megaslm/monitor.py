@@ -110,23 +110,36 @@ class Monitor:
                                                                   4 * (t.log_every or 1)))
 
     def _truncate_after(self, step: int) -> None:
-        """Keep one line per step: drop records a crashed or preempted attempt wrote after its last checkpoint."""
+        """Keep one line per step: drop records a crashed or preempted attempt wrote after its last checkpoint.
+        When the records kept are the file's beginning (as always but after a line cut mid-file), the file is cut
+        in place, so that it stays the one file every launch appends to (a launch that lost its lease is fenced
+        and appends nothing); otherwise it is rewritten."""
         if not self.path.exists():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
+        keep, prefix_bytes, in_prefix = [], 0, True
+        for raw in self.path.read_bytes().splitlines(keepends=True):
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("step", 0) <= step:
-                keep.append(line)
+                rec = json.loads(raw)
+            except ValueError:
+                rec = None  # a line cut by a crash
+            if isinstance(rec, dict) and rec.get("step", 0) <= step and raw.endswith(b"\n"):
+                keep.append(raw)
+                prefix_bytes += len(raw) if in_prefix else 0
+            else:
+                in_prefix = False
+        if sum(map(len, keep)) == prefix_bytes:
+            os.truncate(self.path, prefix_bytes)
+            return
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.write_bytes(b"".join(keep))
         tmp.replace(self.path)
 
     def log(self, record: dict, console: str | None = None) -> None:
         if not self.enabled:
+            return
+        from megaslm.lease import still_holding
+
+        if not still_holding():  # taken over: the directory is another launch's (the loop stops at the next step)
             return
         record = {k: _clean(v) for k, v in record.items()}
         if "step" in record:

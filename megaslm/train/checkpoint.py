@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,10 +37,13 @@ from megaslm.atomic import write_text
 from megaslm.config import CHECKPOINT_TAG_RE
 from megaslm.errors import UserError
 from megaslm.train import manifest
+from megaslm.train.config_change import group_layout_change, model_mismatch, other_config_message
 from megaslm.faults import maybe_fail, maybe_fail_write
+from megaslm.lease import lost_message, still_holding
 from megaslm.train.halt import halt
 
 POINTER = "latest_complete"
+FENCED = "the lease of this launch was taken over"  # a save's outcome on rank 0 after a lost lease
 
 
 def tag_for(step: int) -> str:
@@ -80,16 +82,29 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int) -> s
     ckpt_root = Path(ckpt_root)
     tag = tag_for(step)
     rank = dist.get_rank()
-    error = _agree(_prepare_dir(ckpt_root, tag) if rank == 0 else None)
+    error = _agree((_fence() or _prepare_dir(ckpt_root, tag)) if rank == 0 else None)
     if error is None:
         local = _write_files(engine, ckpt_root, tag, step, client_state)
         maybe_fail("crash_in_save", step)
         error = _agree(local)
     if error is None:
-        error = _agree(_commit(ckpt_root, tag, step, keep) if rank == 0 else None)
+        error = _agree((_fence() or _commit(ckpt_root, tag, step, keep)) if rank == 0 else None)
+    if error is not None and FENCED in error:  # the run directory is another launch's now: touch nothing
+        halt(lost_message(f" (saving {tag})"), rank)
     if error is not None:
         _abandon(ckpt_root, tag, error)
     return tag
+
+
+def _fence() -> str | None:
+    """Rank 0, before the save writes into the run directory and again before it commits: FENCED once this
+    launch no longer holds the run directory's lease (the file's token is another launch's)."""
+    return None if still_holding() else FENCED
+
+
+def agree_fenced() -> bool:
+    """Every rank: whether rank 0 found the lease lost (one collective; for the writes at startup)."""
+    return _agree(_fence() if dist.get_rank() == 0 else None) is not None
 
 
 def _agree(local_error: str | None, name_rank: bool = True) -> str | None:
@@ -123,6 +138,9 @@ class _RecordingWrites:
 
     def save(self, state_dict, path: str) -> None:
         if self.error is not None:
+            return
+        if dist.get_rank() == 0 and _fence():  # taken over mid-save: never overwrite the other launch's files
+            self.error = FENCED
             return
         try:
             maybe_fail_write(self.step, dist.get_rank(), dist.get_world_size(), path)
@@ -297,87 +315,6 @@ def _try_load(engine, ckpt_root: Path, tag: str, config: dict | None = None) -> 
         outcome = (damage or shapes or f"loading failed: {type(e).__name__}: {e}", shapes is not None)
     agreed = _agree(outcome, name_rank=False)
     return (state, None, False) if agreed is None else (None, *agreed)
-
-
-_SIZE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
-                   r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
-_KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: ((?:\"[\w.]+\"(?:, )?)+)")
-_VOCAB = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight")
-
-
-def model_mismatch(e: BaseException) -> str | None:
-    """What torch's load_state_dict error says differs between the checkpoint's model and this one (a tensor's
-    shape, a parameter only one of them has), in a short phrase; None for any other failure."""
-    text = str(e)
-    m = _SIZE.search(text)
-    if m:
-        name, there, here = m.group(1), m.group(2), m.group(3)
-        phrase = f"{name} is [{there}] in the checkpoint, [{here}] in this run's model"
-        if name.endswith(_VOCAB):
-            phrase = f"vocabulary {there.split(',')[0]} there, {here.split(',')[0]} here ({phrase})"
-        return phrase
-    m = _KEYS.search(text)
-    if m:
-        keys = m.group(2).split(", ")
-        where = "this run's model lacks" if m.group(1) == "Unexpected" else "the checkpoint lacks"
-        return f"{where} {keys[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''} (another architecture)"
-    return None
-
-
-def group_layout_change(run_dir: Path, config: dict | None) -> str | None:
-    """Why the optimizer state cannot load when train.weight_decay crossed 0 since the run that saved it (one
-    parameter group without decay, two with: megaslm/train/build.py param_groups); None otherwise."""
-    old = ((_saved_config(run_dir / "config.yaml") or {}).get("train") or {}).get("weight_decay")
-    new = ((config or {}).get("train") or {}).get("weight_decay")
-    if old is None or new is None:
-        return None
-    groups_then, groups_now = (1 if float(wd) == 0 else 2 for wd in (old, new))
-    if groups_then == groups_now:
-        return None
-    return (f"its optimizer state has {groups_then} parameter group(s) (train.weight_decay {old}), this run's "
-            f"{groups_now} (train.weight_decay {new}; 0 means one group, any other value two: decay and no decay)")
-
-
-def _saved_config(saved: Path) -> dict | None:
-    """The config.yaml the old run saved, as a dict (None when it is missing or unreadable)."""
-    import yaml
-
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    return old if isinstance(old, dict) else None
-
-
-def _config_differences(saved: Path, config: dict | None, limit: int = 4) -> str:
-    """'key a -> b, ...' between the config saved with the old run and this run's, or '' if either is missing."""
-    old = _saved_config(saved)
-    if config is None or old is None:
-        return ""
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    a, b = dict(flat(old)), dict(flat(config))
-    diffs = [f"{k} {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k) and not k.startswith(("run.", "train.resume_from"))]
-    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
-    return ", ".join(diffs[:limit]) + more
-
-
-def other_config_message(ckpt_root: Path, tag: str, what: str, config: dict | None) -> str:
-    run_dir = Path(ckpt_root).parent
-    saved = run_dir / "config.yaml"
-    diffs = _config_differences(saved, config)
-    then = f"; that config -> this one: {diffs}" if diffs else ""
-    return (f"checkpoint {tag} in {ckpt_root} belongs to another configuration, not to this one (it is not "
-            f"damaged): {what}. It was written by the run configured in {saved}{then}. Set train.resume_from=none "
-            f"to start over in {run_dir} (its checkpoints are replaced as the new run saves), or set run.dir to a "
-            f"new directory to keep them")
 
 
 def _load(engine, ckpt_root: Path, tag: str) -> dict:

@@ -4,7 +4,8 @@
 `latest_complete` names TAG:
 
     {"format": 1, "tag": "step_00000006", "step": 6, "world_size": 2,
-     "files": {"mp_rank_00_model_states.pt": {"size": 52341, "crc32": "0a1b2c3d"}, ...}}
+     "files": {"mp_rank_00_model_states.pt": {"size": 52341, "crc32": "0a1b2c3d"}, ...},
+     "written_by": {"pid": 4242, "host": "gpu7"}}   # rank 0 of the launch that committed it
 
 It lists every file of the tag directory (every rank's files, paths relative to the directory) with its size in
 bytes; files of at most CHECKSUM_MAX_BYTES also carry the CRC-32 of their content (cheap: a few small files per
@@ -21,6 +22,7 @@ torch.save stores for each record, to name the damaged file.
 from __future__ import annotations
 
 import os
+import socket
 import zipfile
 import zlib
 from pathlib import Path
@@ -55,7 +57,8 @@ def write_manifest(tag_dir: Path, step: int, world_size: int) -> dict:
         if size <= CHECKSUM_MAX_BYTES:
             entry["crc32"] = crc32_of(p)
         files[str(p.relative_to(tag_dir))] = entry
-    manifest = {"format": FORMAT, "tag": tag_dir.name, "step": step, "world_size": world_size, "files": files}
+    manifest = {"format": FORMAT, "tag": tag_dir.name, "step": step, "world_size": world_size, "files": files,
+                "written_by": {"pid": os.getpid(), "host": socket.gethostname()}}  # which launch (rank 0)
     write_json(tag_dir / MANIFEST, manifest)
     return manifest
 

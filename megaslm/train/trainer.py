@@ -22,6 +22,7 @@ from megaslm.callbacks import Callback, StateRegistry
 from megaslm.config import Config
 from megaslm.data.loader import model_inputs
 from megaslm.faults import FaultInjection
+from megaslm.lease import holding, lost_message
 from megaslm.loss import Objective
 from megaslm.loss.metrics import Metrics
 from megaslm.loss.objective import slm_ratio
@@ -33,9 +34,11 @@ from megaslm.runtime import start_run
 from megaslm.train import checkpoint
 from megaslm.train.build import build_data, build_model, load_ds_json, make_loader, run_info, write_run_files
 from megaslm.train.guard import SkipGuard
+from megaslm.train.halt import halt
 from megaslm.train.records import Logging, MixtureMetrics, Throughput, Validation
 
 ReferenceFactory = Callable[["Trainer"], ReferenceLosses]
+LEASE_LOST = float(1 << 20)  # rank 0's lost lease in the summed stop flag (exact in float32 beside any rank count)
 
 
 class _LoaderState:
@@ -109,6 +112,8 @@ class Trainer:
         self.resumed_from = state["tag"] if state else None
 
         self.run_info = run_info(cfg, self.world, g, self.dtype, self.model, self.data, self.reference)
+        if checkpoint.agree_fenced():  # taken over while this launch was starting: write nothing
+            halt(lost_message(" (while starting)"), self.rank)
         if self.is_main:
             write_run_files(self.run_dir, cfg, self.run_info, self.model)
         self.monitor = Monitor(str(self.run_dir), cfg, self.is_main, self.step,
@@ -148,7 +153,7 @@ class Trainer:
             dp_group=self.groups.dp_group, step=norm, source=source.to(self.device) if source is not None else None,
             num_sources=len(self.source_names) if source is not None else 0,
             # The stop check rides on the last micro-step's metrics all-reduce (no collective of its own).
-            stop_requested=self.preemption.requested() if last else None)
+            stop_requested=self._stop_flag() if last else None)
         for cb in self.callbacks:
             cb.pre_optimizer(self, stats)  # the skip guard: before the boundary step(), which applies or skips
         self.engine.backward(loss)
@@ -180,7 +185,10 @@ class Trainer:
         if self.cfg.objective == "slm":
             rec["slm_ratio"] = ratio
         # Ranks that asked to stop, all-reduced with the last micro-step's metrics: every rank decides alike.
-        self.stop_requested = rec.pop("stop_requested", 0) > 0
+        flag = rec.pop("stop_requested", 0)
+        if flag >= LEASE_LOST:  # rank 0 saw the lease taken over: no callback, log or save writes anything more
+            halt(lost_message(f" (at step {self.step})"), self.rank)
+        self.stop_requested = flag > 0
         rec["step"] = self.step
         rec["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
         rec["grad_norm"] = self.guard.grad_norm(self.engine)  # read with the metrics, in the guard's one transfer
@@ -188,6 +196,14 @@ class Trainer:
         for cb in self.callbacks:  # ... validation and logging last
             cb.post_step(self, rec)
         return rec
+
+    def _stop_flag(self) -> float:
+        """This rank's part of the step's stop flag: 1 for a stop signal, plus LEASE_LOST on rank 0 once the
+        heartbeat (or a refused metrics write) found the lease lost (a flag read, no file access). The flag is
+        summed over the data-parallel group, which is every rank only without tensor parallelism; with it, the
+        ranks learn a lost lease at the next save, and rank 0 writes no metrics meanwhile."""
+        lost = not holding() and self.groups.tp_size == 1
+        return float(self.preemption.requested()) + (LEASE_LOST if lost else 0.0)
 
     def save(self) -> None:
         state = {"step": self.step, "objective": self.cfg.objective, **self.states.state_dict()}

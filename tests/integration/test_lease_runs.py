@@ -301,3 +301,57 @@ def test_score_takes_a_lease_on_its_cache(tmp_path, tiny_data):
     assert lines[0].startswith(f"error: reference.cache {cache} is in use by a live run: pid 1 on host node9")
     assert "take over with --set run.take_over=true if" in lines[0]  # score's own --force means score again
     assert not cache.exists() and json.loads(lease.read_text())["token"] == "f0reign"
+
+
+def stopped(proc) -> bool:
+    """The process is stopped (SIGSTOP has taken effect: state T in /proc)."""
+    stat = open(f"/proc/{proc.pid}/stat").read()
+    return stat[stat.rindex(")") + 2] in "Tt"
+
+
+def test_a_launch_that_lost_its_lease_writes_nothing_more_and_names_the_new_holder(tmp_path, tiny_data, plain):
+    """The SIGSTOP takeover: the holder is frozen (a stopped VM, a hung mount), a second launch takes the lease
+    over (--force stands for the stale bound), the holder is continued while the second launch holds the lease.
+    The old launch stops within a step, writes nothing more and names the new holder; the run directory's
+    checkpoints, latest_complete, metrics.jsonl and config.yaml are all the new launch's."""
+    run = tmp_path / "run"
+    cfg = str(write_config(tmp_path / "c.yaml", config(run, tiny_data)))
+    old = start("train", cfg)
+    new = None
+    try:
+        wait_for(lambda: steps_logged(run) >= 3, old, "step 3")
+        old.send_signal(signal.SIGSTOP)
+        wait_for(lambda: stopped(old), old, "the old launch to stop")
+        rows_at_stop = steps_logged(run)
+        old_token = json.loads((run / LEASE_FILE).read_text())["token"]
+        new = start("train", cfg, "--force", "--set", "run.name=second")
+        wait_for(lambda: "second" in (run / "config.yaml").read_text()
+                 and json.loads((run / LEASE_FILE).read_text()).get("token") != old_token, new, "the takeover")
+        new.send_signal(signal.SIGSTOP)  # the new launch holds the lease while the old one goes on
+        wait_for(lambda: stopped(new), new, "the new launch to stop")
+        old.send_signal(signal.SIGCONT)
+        out, err = old.communicate(timeout=300)
+    finally:
+        for p in (old, new):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+    new_out, new_err = new.communicate(timeout=300)
+    assert new.returncode == 0, new_err[-3000:]
+    lines = error_lines(err)
+    print(lines)
+    assert old.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(f"error: this launch lost the lease on run directory {run} (")
+    assert f"it was taken over by pid {new.pid} on host " in lines[0]
+    logged = [int(m) for m in re.findall(r"^step (\d+)/", out, re.M)]
+    assert max(logged) == rows_at_stop  # not one console line (nor metrics row) after the takeover
+    # The run directory is the new launch's: one row per step with the uninterrupted run's losses, its config,
+    # and every checkpoint after its resume point committed by it.
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
+    assert_resumed_exactly(run, plain[1])
+    assert "name: second" in (run / "config.yaml").read_text()
+    resumed = int(re.search(r"resumed from step_(\d+)", new_out).group(1))
+    assert (run / "checkpoints" / "latest_complete").read_text() == f"step_{STEPS:08d}"
+    for tag in tags(run):
+        writer = json.loads((run / "checkpoints" / tag / "manifest.json").read_text())["written_by"]["pid"]
+        assert writer == (new.pid if int(tag[5:]) > resumed else old.pid), tag
+    assert not (run / LEASE_FILE).exists()

@@ -95,8 +95,30 @@ def test_heartbeat_refreshes_and_stops_when_taken_over(tmp_path, capsys):
     b = L.Lease(a.path, "run directory R")
     b.acquire(force=True, say=lambda *x, **k: None)
     a._thread.join(20)
-    assert not a._thread.is_alive() and not a.held
-    assert "the lease on run directory R was taken over by another launch" in capsys.readouterr().err
+    assert not a._thread.is_alive() and not a.held and a.lost  # quiet: the training loop says it, in one line
+    assert a.lost_to["token"] == b.token
+    assert a.lost_message(" (at step 5)") == (
+        f"this launch lost the lease on run directory R (at step 5): it was taken over by "
+        f"{L.holder_text(a.lost_to)}. It stopped without writing anything more there; the directory is the other "
+        f"launch's now")
+    assert json.loads(b.path.read_text())["token"] == b.token
+    b.release()
+
+
+def test_the_fence_rereads_the_lease_file(tmp_path, monkeypatch):
+    """still_holding() (before every write to the run directory) compares the file's token with this launch's;
+    holding() (every step) only reads the flag the heartbeat or a check set."""
+    a = L.Lease(tmp_path / L.LEASE_FILE, "run directory R")
+    a.acquire()
+    monkeypatch.setattr(L, "_launch", a)
+    assert L.holding() and L.still_holding()
+    b = L.Lease(a.path, "run directory R")
+    b.acquire(force=True, say=lambda *x, **k: None)
+    assert L.holding()  # nothing read yet
+    assert not L.still_holding() and not L.holding()
+    assert L.lost_message().endswith("the directory is the other launch's now") and f"pid {os.getpid()}" in \
+        L.lost_message()
+    a.release()  # removes nothing of b's
     assert json.loads(b.path.read_text())["token"] == b.token
     b.release()
 

@@ -42,7 +42,7 @@ def test_no_decay_is_one_group_with_the_same_update():
 def test_resume_across_zero_weight_decay_is_named_as_another_configuration(tmp_path):
     """A checkpoint's optimizer state holds its parameter groups: crossing weight_decay 0 cannot load it, and the
     refusal says why, as another configuration's checkpoint (not as damage)."""
-    from megaslm.train.checkpoint import group_layout_change
+    from megaslm.train.config_change import group_layout_change
 
     (tmp_path / "config.yaml").write_text("train:\n  weight_decay: 0.1\n")
     why = group_layout_change(tmp_path, {"train": {"weight_decay": 0.0}})
