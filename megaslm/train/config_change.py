@@ -93,3 +93,74 @@ def other_config_message(ckpt_root: Path, tag: str, what: str, config: dict | No
             f"new directory to keep them")
 
 
+
+
+# Keys that fix what a checkpoint means: a resume under other values would continue another run's weights on
+# another model, tokenization, data or sequence order. (The global batch size is checked by the loader, the
+# tensor-parallel size by megaslm/parallel/tensor.py.)
+FIXED_KEYS = ("model.preset", "model.init_from", "model.vocab_size", "model.dtype", "data.train",
+              "data.tokenizer", "data.document_mask", "train.seq_len", "train.seed")
+UNSAID = ("run.", "train.resume_from")  # where the run lives and how it resumes: not a change of the run
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """{'train.lr': 0.001, ...} of a nested config dict (lists, e.g. a mixture, stay whole)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix == "data." and k == "valid"):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, config: dict) -> tuple[list[str], list[str]]:
+    """(changes that take effect, fixed keys that changed), each 'key old -> new', between the config the run
+    directory's checkpoints were written under and this launch's."""
+    a, b = flat_config(saved), flat_config(config)
+    changed, fixed = [], []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(UNSAID) or a.get(key) == b.get(key) or key not in a:
+            continue  # a key the saved config lacks is a key added to megaslm since: its default applies
+        (fixed if key in FIXED_KEYS else changed).append(f"{key} {a.get(key)} -> {b.get(key)}")
+    return changed, fixed
+
+
+def check_resume_config(run_dir: Path, config: dict) -> list[str]:
+    """Before a resume: raise UserError naming the fixed keys that changed; else the changes that take effect
+    ('train.lr 0.001 -> 0.003'; none when the run directory has no readable config.yaml)."""
+    from megaslm.errors import UserError
+
+    saved_path = Path(run_dir) / "config.yaml"
+    saved = saved_config(saved_path)
+    if saved is None:
+        return []
+    changed, fixed = resume_changes(saved, config)
+    if fixed:
+        raise UserError(f"cannot resume {run_dir} under another {'/'.join(f.split()[0] for f in fixed)}: "
+                        f"{', '.join(fixed)} (since {saved_path}); these fix what its checkpoints mean. Set "
+                        f"train.resume_from=none to start over there, or a new run.dir")
+    return changed
+
+
+def apply_optimizer_settings(engine, scheduler, train) -> None:
+    """After a checkpoint is loaded: this config's optimizer settings, not the checkpoint's. DeepSpeed restores
+    the saved ones with the state: the param groups' lr/betas/weight decay, ZeRO's clip value, and the
+    scheduler's base lr (LambdaLR saves base_lrs; its lambda, built from this config, is not saved)."""
+    opt = engine.optimizer
+    for group in opt.param_groups:
+        group["betas"] = (train.beta1, train.beta2)
+        if group.get("weight_decay"):  # the decayed group (the other one is 0 by design)
+            group["weight_decay"] = train.weight_decay
+        group["initial_lr"] = train.lr
+    if hasattr(opt, "clip_grad"):
+        opt.clip_grad = train.grad_clip
+    if scheduler is not None:
+        scheduler.base_lrs = [train.lr] * len(opt.param_groups)
+        lrs = [train.lr * f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+    else:
+        for group in opt.param_groups:
+            group["lr"] = train.lr

@@ -31,7 +31,7 @@ from megaslm.monitor import Monitor
 from megaslm.parallel import tensor as tp
 from megaslm.protocols import Loader, ReferenceLosses
 from megaslm.runtime import start_run
-from megaslm.train import checkpoint
+from megaslm.train import checkpoint, config_change
 from megaslm.train.build import build_data, build_model, load_ds_json, make_loader, run_info, write_run_files
 from megaslm.train.guard import SkipGuard
 from megaslm.train.halt import halt
@@ -69,8 +69,10 @@ class Trainer:
         self.is_main = run.is_main
         self.run_dir = Path(cfg.run.dir).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
-        tp.check_resume(self.run_dir, bool(checkpoint.candidates(self.ckpt_root, cfg.train.resume_from)),
-                        cfg.parallel.tensor)
+        resuming = bool(checkpoint.candidates(self.ckpt_root, cfg.train.resume_from))
+        tp.check_resume(self.run_dir, resuming, cfg.parallel.tensor)
+        # Before any engine: a changed model shape, tokenizer, data, seq_len or seed is refused in one line.
+        changes = config_change.check_resume_config(self.run_dir, cfg.to_dict()) if resuming else []
         if self.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -109,6 +111,10 @@ class Trainer:
         if state is not None:
             self.step = int(state["step"])
             self.states.load_state_dict(state)
+            # DeepSpeed restored the saved lr, schedule base, clip and betas: this config's apply from here on.
+            config_change.apply_optimizer_settings(self.engine, self.scheduler, cfg.train)
+            for change in changes:
+                self._say(f"megaslm: {change} from step {self.step + 1}")
         self.resumed_from = state["tag"] if state else None
 
         self.run_info = run_info(cfg, self.world, g, self.dtype, self.model, self.data, self.reference)

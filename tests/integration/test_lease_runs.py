@@ -355,3 +355,28 @@ def test_a_launch_that_lost_its_lease_writes_nothing_more_and_names_the_new_hold
         writer = json.loads((run / "checkpoints" / tag / "manifest.json").read_text())["written_by"]["pid"]
         assert writer == (new.pid if int(tag[5:]) > resumed else old.pid), tag
     assert not (run / LEASE_FILE).exists()
+
+
+def test_a_resume_applies_a_changed_lr_and_refuses_a_changed_seq_len(tmp_path, crashed, tiny_data, plain):
+    """DeepSpeed restores the saved lr, schedule base and clip with the optimizer state: the new config's apply
+    from the resumed step, each said in one line; a key that fixes what the checkpoints mean is refused."""
+    run = tmp_path / "run"
+    shutil.copytree(crashed, run)
+    cfg = str(write_config(tmp_path / "c.yaml", config(run, tiny_data)))
+    res = run_cli("train", cfg, "--set", "train.seq_len=16")
+    lines = error_lines(res.stderr)
+    print(lines)
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr
+    assert lines[0].startswith(f"error: cannot resume {run} under another train.seq_len: train.seq_len 32 -> 16")
+    assert "train.resume_from=none" in lines[0]
+    res = run_cli("train", cfg, "--set", "train.lr=6e-3", "--set", "train.grad_clip=0.3", check=True)
+    said = [x for x in res.stdout.splitlines() if " -> " in x]
+    print(said)
+    assert said == ["megaslm: train.grad_clip 1.0 -> 0.3 from step 5", "megaslm: train.lr 0.002 -> 0.006 from step 5"]
+    recs = {r["step"]: r for r in read_metrics(run)}
+    before = {r["step"]: r for r in read_metrics(plain[0])}
+    for step in (1, 4, 5):  # the weights of step 5's forward are step 4's: same loss; the lr is the new one
+        assert recs[step]["loss"] == pytest.approx(before[step]["loss"], rel=1e-5)
+    for step in (5, 6, 8):
+        assert recs[step]["lr"] == pytest.approx(3 * before[step]["lr"], rel=1e-9)
+    assert abs(recs[6]["loss"] - before[6]["loss"]) > 1e-3  # trained with the new rate

@@ -49,3 +49,15 @@ def test_resume_across_zero_weight_decay_is_named_as_another_configuration(tmp_p
     assert "2 parameter group(s) (train.weight_decay 0.1), this run's 1 (train.weight_decay 0.0" in why
     assert group_layout_change(tmp_path, {"train": {"weight_decay": 0.05}}) is None  # two groups either way
     assert group_layout_change(tmp_path / "missing", {"train": {"weight_decay": 0.0}}) is None
+
+
+def test_resume_changes_sorts_changeable_from_fixed_keys():
+    from megaslm.train.config_change import resume_changes
+
+    old = {"run": {"dir": "a"}, "train": {"lr": 0.001, "seq_len": 32, "steps": 10},
+           "data": {"train": "d", "valid": {"x": "v"}}, "slm": {"ratio": 0.6}}
+    new = {"run": {"dir": "b"}, "train": {"lr": 0.003, "seq_len": 64, "steps": 20, "new_key": 1},
+           "data": {"train": "e", "valid": {"x": "w"}}, "slm": {"ratio": 0.6}}
+    changed, fixed = resume_changes(old, new)
+    assert changed == ["data.valid {'x': 'v'} -> {'x': 'w'}", "train.lr 0.001 -> 0.003", "train.steps 10 -> 20"]
+    assert fixed == ["data.train d -> e", "train.seq_len 32 -> 64"]
