@@ -17,7 +17,7 @@ import yaml
 
 from megaslm.atomic import write_text
 from megaslm.errors import UserError
-from megaslm.typed_config import _apply_override, _build  # the typed loading of the dataclasses below
+from megaslm.typed_config import Source, _apply_override, _build, load_yaml, where  # the typed loading of the dataclasses below
 
 CHECKPOINT_TAG_RE = re.compile(r"step_\d{8}")  # the directory name of a checkpoint (megaslm/train/checkpoint.py)
 
@@ -175,7 +175,7 @@ class Config:
 
 def validate(cfg: Config, src: str = "config") -> Config:
     def bad(key: str, msg: str) -> UserError:
-        return UserError(f"{src}: {key} {msg}")
+        return UserError(f"{where(src, key)}: {key} {msg}")
 
     if not cfg.run.dir:
         raise bad("run.dir", "is required (the run directory)")
@@ -348,17 +348,22 @@ def from_dict(data: dict, src: str = "config") -> Config:
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `section.key=value` overrides, validate, and return it."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: a directory, not a config file (give the YAML file, e.g. {p}/config.yaml)")
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text(), str(p)) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a text file (not UTF-8)") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: the top level must be a mapping of sections")
+    given = {}
     for item in overrides or []:
-        _apply_override(data, item)
-    return from_dict(data, str(p))
+        given[_apply_override(data, item)] = item
+    return from_dict(data, Source(str(p), given))
 
 
 def resolve_path(path: str) -> Path:

@@ -64,7 +64,26 @@ def test_bad_values_name_the_key_and_file(tmp_path, override, needle):
     with pytest.raises(UserError) as e:
         load_config(path, [override])
     assert needle in str(e.value)
-    assert str(path) in str(e.value)
+    # The value came from --set: the error names it, not the file (whose key the message names otherwise).
+    source = str(path) if override == "objective=slm" else f"--set {override}"
+    assert str(e.value).startswith(f"{source}: "), str(e.value)
+
+
+def test_a_duplicated_key_is_refused_naming_it_and_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(f"run:\n  dir: {tmp_path}/r\ntrain:\n  steps: 3\ndata:\n  train: x\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(UserError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: key 'train' is given twice (lines 3 and 7); the second would replace the "
+                            f"first: merge them")
+    path.write_text(f"run:\n  dir: x\n  dir: y\n")
+    with pytest.raises(UserError, match="key 'dir' is given twice \\(lines 2 and 3\\)"):
+        load_config(path)
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(UserError, match=f"^{tmp_path}: a directory, not a config file"):
+        load_config(tmp_path)
 
 
 def test_required_keys(tmp_path):
@@ -109,7 +128,8 @@ def test_ds_config_names_resolve_inside_the_checkout():
 def test_objective_keys_are_validated(tmp_path, overrides, needle):
     with pytest.raises(UserError) as e:
         load_config(write(tmp_path, MIN), overrides)
-    assert needle in str(e.value) and str(tmp_path) in str(e.value)
+    msg = str(e.value)
+    assert needle in msg and (any(msg.startswith(f"--set {o}: ") for o in overrides) or str(tmp_path) in msg), msg
 
 
 def test_objective_keys_parse(tmp_path):
