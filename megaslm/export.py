@@ -8,6 +8,7 @@ ordinary layout. The directory is written under a temporary name and renamed whe
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -39,7 +40,11 @@ def _rank_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise UserError(f"{tag_dir}: no DeepSpeed model states found")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        try:  # tensors and plain containers only: a run directory's file must not run code here
+            sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as e:
+            raise UserError(f"{files[0]}: holds objects other than tensors, not loaded (weights_only): "
+                            f"{str(e).splitlines()[-1][:200]}") from None
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()}
 
 

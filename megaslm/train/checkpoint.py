@@ -24,6 +24,7 @@ this config, and the two ways on (`train.resume_from=none`, or a new `run.dir`).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -64,16 +65,37 @@ def latest_tag(ckpt_root: Path) -> str | None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """This process's RNG states as tensors and numbers only: the file loads with torch.load(weights_only=True),
+    so a run directory's rng files cannot carry code (a pickle would run it as the user who resumes)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"format": 2, "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+                                    "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    py, npy = s["python"], s["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_rng(rng_file: Path) -> bool:
+    """Restore this rank's RNG states from `rng_file` with weights_only=True; False (nothing restored) for a
+    file of the earlier pickled format, which is not unpickled."""
+    try:
+        state = torch.load(rng_file, weights_only=True)
+    except pickle.UnpicklingError:
+        return False
+    set_rng_state(state)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- saving
@@ -323,8 +345,9 @@ def _load(engine, ckpt_root: Path, tag: str) -> dict:
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
     rng_file = ckpt_root / tag / f"rng_rank{dist.get_rank():05d}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    if rng_file.exists() and not load_rng(rng_file) and dist.get_rank() == 0:
+        print(f"megaslm: {rng_file} is of the earlier pickled format: not loaded (megaslm loads no pickles from a "
+              f"run directory); the random streams continue from this launch's seed", flush=True)
     client_state["tag"] = tag
     return client_state
 
