@@ -97,6 +97,18 @@ def verified_tag(ckpt_root: Path, tag: str | None) -> str:
     raise UserError(f"no checkpoint in {ckpt_root} passes verification ({'; '.join(problems)})")
 
 
+def pruned_message(run: Path, tag: str) -> str:
+    """Why a checkpoint's files vanished while export read them: the live run that pruned it, when one holds
+    the directory."""
+    from megaslm.lease import LEASE_FILE, holder_text, live_holder
+
+    rec = live_holder(run / LEASE_FILE)
+    who = (f"the live run {holder_text(rec)} removed it, keeping its newest train.keep_checkpoints checkpoints"
+           if rec else "it was removed (pruned or deleted) by another process")
+    return (f"checkpoint {tag} in {run / 'checkpoints'} went away while it was read: {who}. Export again (it takes "
+            f"the newest complete checkpoint), or wait for the run to end")
+
+
 def load_run_model(run_dir: str | Path, tag: str | None = None):
     """(model, tag): the Hugging Face model of a run's checkpoint `tag` (default: the latest complete one), in the
     checkpoint's fp32 master precision, on the CPU."""
@@ -108,9 +120,11 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     hf_cfg = AutoConfig.from_pretrained(run / "hf_config", local_files_only=True)
     try:
         state = consolidated_state_dict(ckpt_root, tag, run)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a damaged file: name it if a deep check finds it
+    except Exception as e:  # noqa: BLE001 - pruned under us, or a damaged file: name it if a deep check finds it
+        if not manifest.files_present(ckpt_root / tag):
+            raise UserError(pruned_message(run, tag)) from None
+        if isinstance(e, UserError):
+            raise
         problem = manifest.diagnose(ckpt_root / tag)
         if problem is None:
             raise

@@ -46,6 +46,17 @@ def _files(tag_dir: Path) -> list[Path]:
     return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def files_present(tag_dir: Path) -> bool:
+    """Whether every file the manifest lists is still there (a checkpoint pruned under a reader is not)."""
+    import json
+
+    try:
+        listed = json.loads((Path(tag_dir) / MANIFEST).read_text()).get("files", {})
+    except (OSError, ValueError):  # no manifest (an older checkpoint, or the directory is gone)
+        return Path(tag_dir).is_dir()
+    return all((Path(tag_dir) / name).exists() for name in listed)
+
+
 def write_manifest(tag_dir: Path, step: int, world_size: int) -> dict:
     """Record the files of a finished checkpoint (rank 0, after every rank wrote its files)."""
     tag_dir = Path(tag_dir)

@@ -73,9 +73,7 @@ class Trainer:
         tp.check_resume(self.run_dir, resuming, cfg.parallel.tensor)
         # Before any engine: a changed model shape, tokenizer, data, seq_len or seed is refused in one line.
         changes = config_change.check_resume_config(self.run_dir, cfg.to_dict()) if resuming else []
-        if self.is_main:
-            self.ckpt_root.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+        dist.barrier()  # checkpoints/ is made by the first save: a launch refused before it leaves none behind
 
         torch.manual_seed(cfg.train.seed)
         self.dtype, self.device = run.dtype, run.device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -55,3 +56,38 @@ def test_force_keeps_foreign_files_and_replaces_only_the_exports_own(tmp_path):
     with pytest.raises(UserError, match="model.safetensors there was not written by an export"):
         place(fake_export(tmp_path / "c", {"model.safetensors": "w"}), out, force=True)
     assert (out / "model.safetensors").read_text() == "user's"
+
+
+def test_a_checkpoint_pruned_while_export_reads_it_names_the_pruning_run(tmp_path, monkeypatch):
+    """The run prunes the checkpoint export is reading: one line naming the live run, not 'damaged'."""
+    import shutil
+
+    from transformers import LlamaConfig
+
+    from megaslm import export
+    from megaslm.lease import Lease
+
+    run = tmp_path / "run"
+    tag_dir = run / "checkpoints" / "step_00000002"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (tag_dir / "manifest.json").write_text(json.dumps({"files": {"mp_rank_00_model_states.pt": {"size": 1}}}))
+    (run / "config.yaml").write_text("data: {train: x}\n")
+    LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=32).save_pretrained(run / "hf_config")
+    lease = Lease(run / "lease.json", f"run directory {run}")
+    lease.acquire()
+
+    def pruned_while_read(ckpt_root, tag, run_dir):
+        shutil.rmtree(ckpt_root / tag)
+        raise FileNotFoundError(ckpt_root / tag / "mp_rank_00_model_states.pt")
+
+    monkeypatch.setattr(export, "verified_tag", lambda root, tag: "step_00000002")
+    monkeypatch.setattr(export, "consolidated_state_dict", pruned_while_read)
+    with pytest.raises(UserError) as e:
+        export.load_run_model(run)
+    lease.release()
+    print(e.value)
+    assert str(e.value).startswith(f"checkpoint step_00000002 in {run / 'checkpoints'} went away while it was read: "
+                                   f"the live run pid {os.getpid()} on host ")
+    assert "keeping its newest train.keep_checkpoints checkpoints" in str(e.value)
