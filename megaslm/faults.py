@@ -8,6 +8,8 @@ Points that simulate a failure the code must survive:
   other ranks wrote their files (a disk that fills up during the save);
 - `nan_loss` - the per-token losses of that step become NaN on rank 0 (one rank's overflow or a bad batch);
 - `spike_loss` - the per-token losses of that step are multiplied by 100 on every rank (a loss spike);
+- `shrink_shard` - before that step rank 0 cuts the training shards' token files to 0 bytes in place (a shard
+  set rewritten or truncated under a running job);
 - `sigint_in_step` - rank 0 sends itself SIGINT during that step, before its stop check (a Ctrl-C that reaches
   one rank while the step runs).
 The tests use them to prove that no fault corrupts the last good checkpoint and that resuming reproduces the
@@ -62,7 +64,14 @@ def corrupt_loss(token_loss: torch.Tensor, step: int, rank: int) -> torch.Tensor
 
 class FaultInjection(Callback):
     """The training loop's fault points as a callback: `nan_loss` / `spike_loss` on the per-token losses of the
-    micro-steps, `crash_after_step` once the step's other callbacks ran (before validation, logging and saving)."""
+    micro-steps, `crash_after_step` once the step's other callbacks ran (before validation, logging and saving),
+    `shrink_shard` before the step's batches are read."""
+
+    def pre_step(self, trainer) -> None:
+        if trainer.rank == 0 and _armed("shrink_shard", trainer.step + 1):
+            shards = trainer.train_shards
+            for entry in shards.meta["shards"]:
+                os.truncate(os.path.join(shards.path, entry["file"]), 0)
 
     def on_forward(self, trainer, tensors: dict) -> None:
         tensors["token_loss"] = corrupt_loss(tensors["token_loss"], trainer.step + 1, trainer.rank)

@@ -43,6 +43,11 @@ from megaslm.data.shard_writer import ShardWriter  # noqa: F401 (re-exported: th
 from megaslm.errors import UserError
 
 
+class ShardChanged(UserError):
+    """A shard file shrank (or was cut) after the set was opened: reading it through its memory map would
+    end the process with SIGBUS."""
+
+
 class ShardSet:
     """A validated shard set; reads tokens by global offset through memory maps (opened lazily)."""
 
@@ -103,6 +108,7 @@ class ShardSet:
         self._maps: dict[int, np.ndarray] = {}
         self._masks: dict[int, np.ndarray] = {}
         self._docs: dict[int, np.ndarray] = {}
+        self._files: dict[tuple[str, int], object] = {}  # the open file of each memory map, for its size
 
     # -- properties ---------------------------------------------------------------------------------------
     @property
@@ -142,7 +148,7 @@ class ShardSet:
 
     def __getstate__(self):  # memory maps do not pickle; reopen them lazily in the other process
         state = dict(self.__dict__)
-        state["_maps"], state["_masks"], state["_docs"] = {}, {}, {}
+        state["_maps"], state["_masks"], state["_docs"], state["_files"] = {}, {}, {}, {}
         return state
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -158,9 +164,26 @@ class ShardSet:
         if m is None:
             n = self.meta["shards"][i]["num_tokens"]
             f = os.path.join(self.path, self.meta["shards"][i][key])
-            m = np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+            if n:
+                fobj = self._files[(key, i)] = open(f, "rb")
+                m = np.memmap(fobj, dtype=dtype, mode="r", shape=(n,))
+            else:
+                m = np.zeros(0, dtype)
             cache[i] = m
+        self._check_size(i, key, dtype.itemsize)
         return m
+
+    def _check_size(self, i: int, key: str, itemsize: int) -> None:
+        """One fstat per read: a file cut under the memory map raises ShardChanged instead of SIGBUS."""
+        fobj = self._files.get((key, i))
+        if fobj is None:
+            return
+        want = self.meta["shards"][i]["num_tokens"] * itemsize
+        size = os.fstat(fobj.fileno()).st_size
+        if size < want:
+            raise ShardChanged(f"shard file {fobj.name} shrank to {size} bytes while this run read it ({want} "
+                               f"bytes in {os.path.join(self.path, META_FILE)}): it was cut or is being rewritten "
+                               f"in place")
 
     def _doc_index(self, i: int) -> np.ndarray:
         d = self._docs.get(i)

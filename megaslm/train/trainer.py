@@ -11,6 +11,7 @@ Re-running the same command resumes from the latest complete checkpoint in the r
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from megaslm.callbacks import Callback, StateRegistry
 from megaslm.config import Config
 from megaslm.data.loader import model_inputs
+from megaslm.data.shards import ShardChanged
 from megaslm.faults import FaultInjection
 from megaslm.lease import holding, lost_message
 from megaslm.loss import Objective
@@ -34,11 +36,14 @@ from megaslm.runtime import start_run
 from megaslm.train import checkpoint, config_change
 from megaslm.train.build import build_data, build_model, load_ds_json, make_loader, run_info, write_run_files
 from megaslm.train.guard import SkipGuard
-from megaslm.train.halt import halt
+from megaslm.train.halt import RunHalted, halt
 from megaslm.train.records import Logging, MixtureMetrics, Throughput, Validation
 
 ReferenceFactory = Callable[["Trainer"], ReferenceLosses]
-LEASE_LOST = float(1 << 20)  # rank 0's lost lease in the summed stop flag (exact in float32 beside any rank count)
+# The summed stop flag: ranks with a stop signal + LEASE_LOST (rank 0's lost lease) + DATA_ERROR per rank whose
+# shard was cut; exact in float32 for up to 3 such ranks, and any more still reads as >= DATA_ERROR.
+LEASE_LOST = float(1 << 20)
+DATA_ERROR = float(1 << 22)
 
 
 class _LoaderState:
@@ -105,6 +110,7 @@ class Trainer:
         self.states.register_callbacks(self.callbacks)
 
         self.step = 0
+        self.data_error, self.data_failed, self._last_batches = None, False, None
         state = checkpoint.resume(self.engine, self.ckpt_root, cfg.train.resume_from, self._say, cfg.to_dict())
         if state is not None:
             self.step = int(state["step"])
@@ -146,6 +152,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_forward(self, tensors)
         token_loss = tensors.pop("token_loss")
+        if self.data_error:  # this rank has no batch for the step: a NaN loss skips the step on every rank
+            token_loss = token_loss * float("nan")
         ref_loss = None
         if objective.needs_reference:
             ref_loss = self.reference.losses_for({"input_ids": input_ids, "labels": labels, "index": batch["index"],
@@ -172,7 +180,7 @@ class Trainer:
         # The step's batches first: their label counts fix the step's normaliser (one all-reduce) before any
         # forward, so micro-steps with different numbers of labelled tokens weigh by tokens. With one micro-step
         # the objective's own metrics all-reduce yields the same normaliser: no collective of its own then.
-        batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        batches = self._fetch_batches()
         objective, ratio = self._objective_now()
         norm = None
         if len(batches) > 1:
@@ -190,9 +198,10 @@ class Trainer:
             rec["slm_ratio"] = ratio
         # Ranks that asked to stop, all-reduced with the last micro-step's metrics: every rank decides alike.
         flag = rec.pop("stop_requested", 0)
-        if flag >= LEASE_LOST:  # rank 0 saw the lease taken over: no callback, log or save writes anything more
+        self.data_failed = flag >= DATA_ERROR  # a rank's shard was cut: the step was skipped; save and stop
+        if LEASE_LOST <= flag < DATA_ERROR:  # rank 0 saw the lease taken over: no callback, log or save writes
             halt(lost_message(f" (at step {self.step})"), self.rank)
-        self.stop_requested = flag > 0
+        self.stop_requested = 0 < flag < LEASE_LOST
         rec["step"] = self.step
         rec["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
         rec["grad_norm"] = self.guard.grad_norm(self.engine)  # read with the metrics, in the guard's one transfer
@@ -207,7 +216,31 @@ class Trainer:
         summed over the data-parallel group, which is every rank only without tensor parallelism; with it, the
         ranks learn a lost lease at the next save, and rank 0 writes no metrics meanwhile."""
         lost = not holding() and self.groups.tp_size == 1
-        return float(self.preemption.requested()) + (LEASE_LOST if lost else 0.0)
+        return (float(self.preemption.requested()) + (LEASE_LOST if lost else 0.0)
+                + (DATA_ERROR if self.data_error else 0.0))
+
+    def _fetch_batches(self) -> list[dict]:
+        """The step's batches. A shard file cut under the run (ShardChanged, instead of SIGBUS) gives the previous
+        step's batches again, with the error kept: the step's loss is then NaN on this rank, so the skip guard
+        drops it on every rank, and the stop flag tells every rank to save and stop (_data_halt)."""
+        try:
+            batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        except ShardChanged as e:
+            if self._last_batches is None:  # nothing to stand in for them: end here (no checkpoint)
+                raise
+            self.data_error = str(e)
+            return self._last_batches
+        self._last_batches = batches
+        return batches
+
+    def _data_halt(self) -> None:
+        """After the save that follows a cut shard: the rank(s) that read it print the one line; all stop."""
+        if self.data_error:
+            print(f"error: {self.data_error}. Step {self.step} was skipped on every rank (no update) and a "
+                  f"checkpoint saved; restore the file and re-run the same command to resume", file=sys.stderr,
+                  flush=True)
+        dist.barrier()
+        raise RunHalted(self.data_error or "a shard file was cut")
 
     def save(self) -> None:
         state = {"step": self.step, "objective": self.cfg.objective, **self.states.state_dict()}
@@ -228,9 +261,12 @@ class Trainer:
         while self.step < t.steps:
             self.train_step()  # its callbacks validate and log
             last, stop = self.step == t.steps, self.stop_requested
-            if (t.save_every and self.step % t.save_every == 0) or last or stop:
+            if (t.save_every and self.step % t.save_every == 0) or last or stop or self.data_failed:
                 self.save()
                 saved_at = self.step
+            if self.data_failed:
+                self._end()
+                self._data_halt()
             if stop:
                 if self.is_main:
                     print(f"megaslm: stop signal received: checkpoint saved at step {self.step}", flush=True)

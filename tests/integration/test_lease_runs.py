@@ -380,3 +380,23 @@ def test_a_resume_applies_a_changed_lr_and_refuses_a_changed_seq_len(tmp_path, c
     for step in (5, 6, 8):
         assert recs[step]["lr"] == pytest.approx(3 * before[step]["lr"], rel=1e-9)
     assert abs(recs[6]["loss"] - before[6]["loss"]) > 1e-3  # trained with the new rate
+
+
+def test_a_shard_cut_under_the_run_stops_it_with_a_checkpoint_and_one_line(tmp_path, tiny_data):
+    """Token files cut in place while the run reads them (MEGASLM_FAULT=shrink_shard): no SIGBUS; the step is
+    skipped, a checkpoint saved, the lease released, one line names the file, exit 2."""
+    shards = tmp_path / "train"
+    shutil.copytree(tiny_data["train"], shards)
+    run = tmp_path / "run"
+    data = {**tiny_data, "train": str(shards)}
+    res = run_cli("train", str(write_config(tmp_path / "c.yaml", config(run, data))),
+                  env={"MEGASLM_FAULT": "shrink_shard:3"})
+    lines = error_lines(res.stderr)
+    print(lines)
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert re.match(rf"error: shard file {shards}/tokens_\d+\.bin shrank to 0 bytes while this run read it", lines[0])
+    assert lines[0].endswith("Step 3 was skipped on every rank (no update) and a checkpoint saved; restore the file "
+                             "and re-run the same command to resume")
+    assert "step 3 skipped (no optimizer update)" in res.stdout
+    assert (run / "checkpoints" / "latest_complete").read_text() == "step_00000003"
+    assert not (run / LEASE_FILE).exists()
