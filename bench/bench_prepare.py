@@ -45,6 +45,7 @@ def main() -> None:
             meta, dt = timed(prepare, inputs, tokenizer, os.path.join(root, f"shards{n}"), num_proc=n)
             print(f"prepare num_proc={n}: {mb:.1f} MB -> {meta['num_tokens'] / 1e6:.2f} M tokens in {dt:.1f} s "
                   f"({meta['num_tokens'] / dt / 1e6:.2f} M tokens/s, {mb / dt:.1f} MB/s)")
+        hash_cost(inputs, tokenizer, root, mb)
         shards = ShardSet(os.path.join(root, "shards1"))
         for seq_len, batch in ((256, 8), (2048, 8)):
             loader = PackedLoader(shards, seq_len, batch, with_source=True)
@@ -54,6 +55,46 @@ def main() -> None:
             print(f"PackedLoader seq_len {seq_len} x {batch} with source: {dt / n * 1e3:.2f} ms/batch")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+class _NoHash:
+    """A hasher that hashes nothing: prepare as it was before content hashes."""
+
+    def update(self, data) -> None:
+        pass
+
+    def digest(self) -> bytes:
+        return b""
+
+    def hexdigest(self) -> str:
+        return "0"
+
+
+REPEATS = 5
+
+
+def hash_cost(inputs, tokenizer, root, mb) -> None:
+    """The content hash's share of prepare's time: prepare (num_proc 1) with and without hashing, alternated
+    REPEATS times side by side; and hashing the written shard bytes alone, against prepare's time."""
+    from megaslm.data import shard_writer
+    from megaslm.data.shard_format import content_hasher
+
+    times = {"with hash": [], "without": []}
+    for _ in range(REPEATS):
+        for label in times:
+            shard_writer.content_hasher = content_hasher if label == "with hash" else _NoHash
+            out = os.path.join(root, "hashbench")
+            _, dt = timed(prepare, inputs, tokenizer, out, num_proc=1)
+            times[label].append(dt)
+    shard_writer.content_hasher = content_hasher
+    with_h, without = (sorted(times[k])[REPEATS // 2] for k in ("with hash", "without"))
+    files = [os.path.join(out, f) for f in os.listdir(out) if not f.endswith(".json")]
+    data = [open(f, "rb").read() for f in files]
+    _, dt_hash = timed(lambda: [content_hasher().update(d) for d in data])
+    nbytes = sum(len(d) for d in data)
+    print(f"content hash: prepare num_proc=1 on {mb:.1f} MB: {with_h:.2f} s with, {without:.2f} s without (median "
+          f"of {REPEATS} each, alternated): {100 * (with_h / without - 1):+.1f}%; hashing the {nbytes / 1e6:.1f} MB "
+          f"written alone: {dt_hash * 1e3:.1f} ms = {100 * dt_hash / without:.2f}% of prepare")
 
 
 if __name__ == "__main__":

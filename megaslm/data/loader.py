@@ -166,7 +166,7 @@ class PackedLoader:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
                 "global_batch_size": self.global_batch_size, "num_tokens": self.shards.num_tokens,
                 "num_documents": self.shards.num_documents, "fingerprint": self.shards.fingerprint,
-                "shards": self.shards.path}
+                "shards": self.shards.path, "shard_hashes": self.shards.shard_hashes}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the saved loader stopped. Raises UserError if the state belongs to a
@@ -184,6 +184,10 @@ class PackedLoader:
         if diffs:
             where = f" (saved for shards {state.get('shards')}, now {self.shards.path})"
             raise UserError("cannot resume the data loader: " + "; ".join(diffs) + where)
+        changed = self.shards.changed_shard(state.get("shard_hashes"))
+        if changed:  # same counts, other data (e.g. the same documents prepared in another order)
+            raise UserError(f"cannot resume the data loader: {changed}; resume on the data the run started on, or "
+                            f"start over (train.resume_from=none) or in a new run.dir")
         epoch, pos = int(state["epoch"]), int(state["pos"])
         if epoch < 0 or not 0 <= pos <= self.n_seq:
             raise UserError(f"loader state has an invalid position (epoch {epoch}, pos {pos}, n_seq {self.n_seq})")

@@ -123,7 +123,8 @@ class MixtureLoader:
                 "global_batch_size": self.global_batch_size, "slots": self.slots,
                 "components": [{"name": c.name, "weight": w, "drawn": d, "epoch": e, "pos": p,
                                 "num_tokens": c.shards.num_tokens, "num_documents": c.shards.num_documents,
-                                "fingerprint": c.shards.fingerprint, "shards": c.shards.path}
+                                "fingerprint": c.shards.fingerprint, "shards": c.shards.path,
+                                "shard_hashes": c.shards.shard_hashes}
                                for c, w, d, e, p in zip(self.components, self.weights, self.drawn, self.epochs,
                                                         self.pos)]}
 
@@ -144,6 +145,10 @@ class MixtureLoader:
                          f"{now} now")
         if diffs:
             raise UserError("cannot resume the data loader: " + "; ".join(diffs))
+        for comp, saved_comp in zip(self.components, state["components"]):
+            changed = comp.shards.changed_shard(saved_comp.get("shard_hashes"))
+            if changed:
+                raise UserError(f"cannot resume the data loader: component {comp.name}: {changed}")
         self.slots = int(state["slots"])
         for i, c in enumerate(state["components"]):
             self.drawn[i], self.epochs[i], self.pos[i] = int(c["drawn"]), int(c["epoch"]), int(c["pos"])

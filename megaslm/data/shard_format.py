@@ -30,3 +30,23 @@ def _is_replaceable(path: str) -> bool:
     """True if `path` may be replaced by a new shard set: absent, empty, or itself a shard set (or the
     remains of one). Anything else is the user's directory and is left alone."""
     return atomic.is_replaceable(path, _ours)
+
+
+HASH_KEY = "content_blake2b"  # per shard in meta.json: blake2b-128 of its tokens, document index and mask
+
+
+def content_hasher():
+    """The hash of shard contents (blake2b, 128 bits: fast in software, collision-safe for identity)."""
+    import hashlib
+
+    return hashlib.blake2b(digest_size=16)
+
+
+def set_hash(shards: list[dict]) -> str | None:
+    """One hash of a shard set's content: of its shards' hashes, in order (None when a shard has none)."""
+    h = content_hasher()
+    for s in shards:
+        if not s.get(HASH_KEY):
+            return None
+        h.update(s[HASH_KEY].encode())
+    return h.hexdigest()

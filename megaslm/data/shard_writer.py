@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 
 from megaslm import atomic
-from megaslm.data.shard_format import (_DOCS, _DTYPES, _MASK, _TOKENS, FORMAT_VERSION, META_FILE, _is_replaceable,
-                                       _ours, dtype_for_vocab)
+from megaslm.data.shard_format import (_DOCS, _DTYPES, _MASK, _TOKENS, FORMAT_VERSION, HASH_KEY, META_FILE,
+                                       _is_replaceable, _ours, content_hasher, dtype_for_vocab, set_hash)
 from megaslm.errors import UserError
 
 
@@ -61,6 +61,8 @@ class ShardWriter:
         if self.loss_mask:
             self._cur["mask_file"] = _MASK.format(idx)
             self._mask_file = open(os.path.join(self.tmp_dir, self._cur["mask_file"] + ".partial"), "wb")
+        # Content hashes, fed with the bytes as they are written (no second pass over the files).
+        self._hash = {"file": content_hasher(), "mask_file": content_hasher(), "docs_file": content_hasher()}
         self._buf: list[np.ndarray] = []
         self._mask_buf: list[np.ndarray] = []
         self._buf_len = 0
@@ -68,10 +70,14 @@ class ShardWriter:
 
     def _flush(self) -> None:
         if self._buf:
-            self._file.write(np.concatenate(self._buf).tobytes())
+            data = np.concatenate(self._buf).tobytes()
+            self._hash["file"].update(data)
+            self._file.write(data)
             self._buf, self._buf_len = [], 0
         if self._mask_buf:
-            self._mask_file.write(np.concatenate(self._mask_buf).tobytes())
+            data = np.concatenate(self._mask_buf).tobytes()
+            self._hash["mask_file"].update(data)
+            self._mask_file.write(data)
             self._mask_buf = []
 
     def _finish_shard(self) -> None:
@@ -86,7 +92,15 @@ class ShardWriter:
             os.replace(tmp + ".partial", tmp)
         self._file = self._mask_file = None
         docs = np.concatenate(self._doc_rows, axis=1) if self._doc_rows else np.zeros((2, 0), np.int64)
-        np.save(os.path.join(self.tmp_dir, self._cur["docs_file"]), docs.astype(np.int64))
+        docs = np.ascontiguousarray(docs, dtype=np.int64)
+        self._hash["docs_file"].update(docs.tobytes())
+        np.save(os.path.join(self.tmp_dir, self._cur["docs_file"]), docs)
+        # One hash of the shard's content: its tokens, its document index (array bytes) and its loss mask.
+        h = content_hasher()
+        for key in ("file", "docs_file", "mask_file"):
+            if key in self._cur:
+                h.update(self._hash[key].digest())
+        self._cur[HASH_KEY] = h.hexdigest()
         self._shards.append(self._cur)
 
     # -- public -------------------------------------------------------------------------------------------
@@ -201,6 +215,7 @@ class ShardWriter:
                 "source_tokens": [int(x) for x in self._source_tokens],
                 "source_documents": [int(x) for x in self._source_docs],
                 "shards": self._shards,
+                "content_hash": set_hash(self._shards),
                 "loss_mask": self.loss_mask,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 **(extra_meta or {}),

@@ -37,7 +37,7 @@ import os
 
 import numpy as np
 
-from megaslm.data.shard_format import (_DOCS, _DTYPES, _MASK, _TOKENS, FORMAT_VERSION, META_FILE,  # noqa: F401
+from megaslm.data.shard_format import (_DOCS, _DTYPES, _MASK, _TOKENS, FORMAT_VERSION, HASH_KEY, META_FILE,  # noqa: F401
                                          READABLE_VERSIONS, _is_replaceable, dtype_for_vocab)
 from megaslm.data.shard_writer import ShardWriter  # noqa: F401 (re-exported: the writer lives in shard_writer.py)
 from megaslm.errors import UserError
@@ -126,6 +126,26 @@ class ShardSet:
     @property
     def fingerprint(self) -> str:
         return str(self.meta["tokenizer_fingerprint"])
+
+    @property
+    def shard_hashes(self) -> list[str | None]:
+        """Each shard file's content hash, recorded by `prepare` while writing (None in older sets)."""
+        return [sh.get(HASH_KEY) for sh in self.meta["shards"]]
+
+    def changed_shard(self, saved_hashes: list | None) -> str | None:
+        """One line naming the first shard whose content differs from `saved_hashes` (a loader state's, a
+        cache's), or None when they agree or either side predates content hashes."""
+        mine = self.shard_hashes
+        if not saved_hashes or None in saved_hashes or None in mine or list(saved_hashes) == mine:
+            return None
+        for i in range(max(len(mine), len(saved_hashes))):
+            then = saved_hashes[i] if i < len(saved_hashes) else None
+            now = mine[i] if i < len(mine) else None
+            if then != now:
+                name = os.path.join(self.path, self.meta["shards"][i]["file"]) if i < len(mine) else f"shard {i}"
+                return (f"shard file {name} holds other content than the data this was made from (content hash "
+                        f"{str(then)[:12]}.. then, {str(now)[:12]}.. now): the shards were prepared again or changed")
+        return None
 
     @property
     def eos_id(self) -> int:

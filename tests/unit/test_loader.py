@@ -175,3 +175,30 @@ def test_eval_batches_in_order_and_padded(shard_dir):
     # Evaluation does not move the training position, and covers everything when unbounded.
     assert ranks[0].state_dict()["pos"] == 0
     assert sum(len(b["index"]) for b in ranks[0].eval_batches()) == B * ranks[0].num_eval_batches()
+
+
+def test_resume_on_the_same_documents_in_another_order_names_the_shard(shard_dir, tmp_path):
+    """Same token and document counts, other content: the loader state's content hashes refuse it."""
+    d, _, _ = shard_dir
+    state = PackedLoader(d, 16, 4, dp_size=2, seed=5).state_dict()
+    src = ShardSet(d)
+    docs = [src.read(a, b) for a, b in zip(*document_bounds(src))]
+    other = tmp_path / "reordered"
+    with ShardWriter(str(other), VOCAB, "f" * 64, EOS, ["x", "y", "z"], max_tokens_per_shard=300) as w:
+        for doc in reversed(docs):
+            w.add_document(doc[:-1], 0)
+        w.close()
+    again = ShardSet(str(other))
+    assert (again.num_tokens, again.num_documents) == (src.num_tokens, src.num_documents)
+    with pytest.raises(UserError) as e:
+        PackedLoader(str(other), 16, 4, dp_size=2, seed=5).load_state_dict(state)
+    print(e.value)
+    assert str(e.value).startswith(f"cannot resume the data loader: shard file {other}/tokens_00000.bin holds other "
+                                   f"content than the data this was made from (content hash ")
+
+
+def document_bounds(shards):
+    """(starts, ends) of every document in the stream, from its EOS tokens (independent of the index files)."""
+    stream = shards.read(0, shards.num_tokens)
+    ends = np.flatnonzero(stream == EOS) + 1
+    return np.concatenate([[0], ends[:-1]]), ends

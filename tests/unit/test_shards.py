@@ -224,3 +224,22 @@ def test_format_version_1_sets_still_read(tmp_path):
     s = ShardSet(str(out))
     assert not s.has_loss_mask and s.read_loss_mask(0, 10).all()
     assert s.read(0, s.num_tokens).tolist() == reference(docs, srcs)[0].tolist()
+
+
+def test_content_hashes_match_the_files_written(tmp_path):
+    """prepare's per-shard hash, computed while writing, equals one computed from the files read back."""
+    import hashlib
+
+    docs, srcs = make_docs(60, 1000, seed=3)
+    meta = write(tmp_path / "s", docs, srcs)
+    assert len(meta["shards"]) > 2
+    whole = hashlib.blake2b(digest_size=16)
+    for sh in meta["shards"]:
+        parts = [(tmp_path / "s" / sh["file"]).read_bytes(), np.load(tmp_path / "s" / sh["docs_file"]).tobytes()]
+        h = hashlib.blake2b(digest_size=16)
+        for p in parts:
+            h.update(hashlib.blake2b(p, digest_size=16).digest())
+        assert sh["content_blake2b"] == h.hexdigest()
+        whole.update(h.hexdigest().encode())
+    assert meta["content_hash"] == whole.hexdigest()
+    assert ShardSet(str(tmp_path / "s")).shard_hashes == [sh["content_blake2b"] for sh in meta["shards"]]
