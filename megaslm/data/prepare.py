@@ -123,7 +123,10 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out_dir: str, text_fi
                     write(pending.popleft().get())
         if writer.num_documents == 0:
             raise UserError(f"no documents found in {', '.join(files)} (all empty?)")
-        meta = writer.close({"bad_utf8_documents": len(bad.found), "bad_utf8_examples": bad.found[:20]})
+        # The tokenizer's path beside its fingerprint: the run's in-loop eval and export use it when the config
+        # names none (recorded_tokenizer checks the fingerprint again before using it).
+        meta = writer.close({"bad_utf8_documents": len(bad.found), "bad_utf8_examples": bad.found[:20],
+                             "tokenizer": os.path.abspath(tok.path)})
     if log is not None:
         for where in bad.found:
             log(f"skipped (not valid UTF-8): {where}")

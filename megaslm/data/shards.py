@@ -265,6 +265,26 @@ class ShardSet:
         return out
 
 
+def recorded_tokenizer(shards: ShardSet) -> str | None:
+    """The tokenizer `prepare` recorded in the shards' meta.json (its path), after checking that it still has
+    the fingerprint the shards were made with; None for shards prepared before paths were recorded."""
+    path = shards.meta.get("tokenizer")
+    if not path:
+        return None
+    from megaslm.data.tokenizer import load_tokenizer
+
+    meta = os.path.join(shards.path, META_FILE)
+    try:
+        tok = load_tokenizer(path)
+    except UserError as e:
+        raise UserError(f"the tokenizer {meta} records cannot be loaded ({e}): set data.tokenizer") from None
+    if tok.fingerprint != shards.fingerprint:
+        raise UserError(f"the tokenizer {path} recorded in {meta} has changed since the shards were made (sha256 "
+                        f"{tok.fingerprint[:12]}.. now, {shards.fingerprint[:12]}.. then): set data.tokenizer to the "
+                        f"tokenizer the shards were made with")
+    return path
+
+
 def check_compatible(shards: ShardSet, vocab_size: int, fingerprint: str | None, model_desc: str) -> None:
     """Raise UserError unless `shards` were tokenized for a model with this vocab_size (and, when given,
     by the tokenizer with this fingerprint)."""

@@ -11,9 +11,7 @@ Tasks that generate text (gsm8k) are for `megaslm eval` on exports and are refus
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 from megaslm.errors import UserError
 from megaslm.callbacks import Callback
@@ -23,8 +21,9 @@ def run_tokenizer_spec(cfg, shards) -> str | None:
     """The run's tokenizer: data.tokenizer, else the one the training shards were made with."""
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
-    meta = Path(shards.path) / "meta.json"
-    return json.loads(meta.read_text()).get("tokenizer") if meta.is_file() else None
+    from megaslm.data.shards import recorded_tokenizer
+
+    return recorded_tokenizer(shards)  # checked against the shards' tokenizer fingerprint
 
 
 class DownstreamEval(Callback):
@@ -47,7 +46,8 @@ class DownstreamEval(Callback):
                             "export or a run directory, not in the training loop")
         spec = run_tokenizer_spec(trainer.cfg, trainer.train_shards)
         if spec is None:
-            raise UserError("eval.tasks: the run has no tokenizer to encode task text (set data.tokenizer)")
+            raise UserError("eval.tasks: the run has no tokenizer to encode task text (set data.tokenizer; "
+                            "the training shards were prepared before megaslm recorded their tokenizer)")
         g = trainer.groups
         lm = trainer.engine.module.lm
         if zero_stage(trainer.ds_config) < 3 and g.tp_size == 1:

@@ -173,3 +173,27 @@ def test_killed_prepare_keeps_the_old_set(tmp_path, tok_dir, inputs):
     # Running it again completes and replaces the set.
     prepare([str(d / "c.jsonl.gz")], tok_dir, str(out))
     assert ShardSet(str(out)).sources == [str(d / "c.jsonl.gz")]
+
+
+def test_prepare_records_its_tokenizer_and_a_changed_one_is_refused(tok_dir, inputs, tmp_path):
+    """meta.json names the tokenizer prepare used; the in-loop eval takes it when data.tokenizer is unset, after
+    checking it still has the shards' fingerprint."""
+    import shutil
+
+    from megaslm.data.shards import ShardSet, recorded_tokenizer
+    from megaslm.errors import UserError
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tok_dir, tok)
+    d, _ = inputs
+    meta = prepare([str(d / "a.txt")], str(tok), str(tmp_path / "s"))
+    assert meta["tokenizer"] == load_tokenizer(str(tok)).path and meta["tokenizer"].startswith(str(tok))
+    shards = ShardSet(str(tmp_path / "s"))
+    assert recorded_tokenizer(shards) == meta["tokenizer"]
+    other = train_tokenizer([str(d / "b.jsonl")], 420, str(tmp_path / "other"))
+    shutil.rmtree(tok)
+    shutil.copytree(other, tok)  # the same path now holds another tokenizer
+    with pytest.raises(UserError) as e:
+        recorded_tokenizer(shards)
+    assert str(e.value).startswith(f"the tokenizer {meta['tokenizer']} recorded in {tmp_path / 's' / 'meta.json'} has "
+                                   f"changed since the shards were made (sha256 ")
