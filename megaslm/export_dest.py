@@ -44,11 +44,26 @@ def foreign_files(dest: Path) -> list[str]:
     return [f for f in written_files(dest) if f not in ours]
 
 
+def _held_run_dir(dest: Path) -> tuple[Path, str] | None:
+    """(run directory, holder) when `dest` lies inside a run directory a live run holds the lease of."""
+    from megaslm.lease import LEASE_FILE, holder_text, live_holder
+
+    for parent in Path(dest).resolve().parents:
+        rec = live_holder(parent / LEASE_FILE)
+        if rec:
+            return parent, holder_text(rec)
+    return None
+
+
 def check_destination(dest: Path, force: bool) -> None:
     """Refuse `--out` before anything is computed: a file, or a non-empty directory that is not an export."""
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"export --out {dest}: a file, not a directory; choose a new or empty directory")
+    held = _held_run_dir(dest)
+    if held:
+        raise UserError(f"export --out {dest}: inside the run directory {held[0]}, held by the live run "
+                        f"{held[1]}: only that run writes there; export to a directory outside it")
     foreign = foreign_files(dest)
     if foreign and not force:
         raise UserError(f"export --out {dest}: the directory is not empty and is not an earlier export (it holds "

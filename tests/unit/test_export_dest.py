@@ -91,3 +91,18 @@ def test_a_checkpoint_pruned_while_export_reads_it_names_the_pruning_run(tmp_pat
     assert str(e.value).startswith(f"checkpoint step_00000002 in {run / 'checkpoints'} went away while it was read: "
                                    f"the live run pid {os.getpid()} on host ")
     assert "keeping its newest train.keep_checkpoints checkpoints" in str(e.value)
+
+
+def test_an_export_into_a_run_directory_a_live_run_holds_is_refused(tmp_path):
+    from megaslm.lease import Lease
+
+    lease = Lease(tmp_path / "run" / "lease.json", "run directory R")
+    lease.acquire()
+    try:
+        with pytest.raises(UserError) as e:
+            check_destination(tmp_path / "run" / "hf", force=True)
+    finally:
+        lease.release()
+    assert str(e.value).startswith(f"export --out {tmp_path / 'run' / 'hf'}: inside the run directory "
+                                   f"{tmp_path / 'run'}, held by the live run pid {os.getpid()} on host ")
+    check_destination(tmp_path / "run" / "hf", force=False)  # released: allowed
