@@ -17,7 +17,8 @@ import yaml
 
 from megaslm.atomic import write_text
 from megaslm.errors import UserError
-from megaslm.typed_config import Source, _apply_override, _build, load_yaml, where  # the typed loading of the dataclasses below
+# The typed loading of the dataclasses below:
+from megaslm.typed_config import Source, _apply_override, _build, load_yaml, where
 
 CHECKPOINT_TAG_RE = re.compile(r"step_\d{8}")  # the directory name of a checkpoint (megaslm/train/checkpoint.py)
 

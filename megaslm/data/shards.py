@@ -37,8 +37,8 @@ import os
 
 import numpy as np
 
-from megaslm.data.shard_format import (_DOCS, _DTYPES, _MASK, _TOKENS, FORMAT_VERSION, HASH_KEY, META_FILE,  # noqa: F401
-                                         READABLE_VERSIONS, _is_replaceable, dtype_for_vocab)
+from megaslm.data.shard_format import (_DOCS, _DTYPES, _MASK, _TOKENS, FORMAT_VERSION, HASH_KEY,  # noqa: F401
+                                       META_FILE, READABLE_VERSIONS, _is_replaceable, dtype_for_vocab)
 from megaslm.data.shard_writer import ShardWriter  # noqa: F401 (re-exported: the writer lives in shard_writer.py)
 from megaslm.errors import UserError
 
