@@ -19,8 +19,10 @@ holding:
   `format_version` (2), `dtype` ("uint16" | "uint32"), `vocab_size`, `tokenizer_fingerprint` (sha256 hex of
   the tokenizer model file), `eos_id`, `num_tokens`, `num_documents`, `sources` (input paths, in order),
   `source_tokens` / `source_documents` (per-source totals), `shards` (list of {`file`, `docs_file`,
-  `num_tokens`, `num_documents`, and `mask_file` when masked}), `loss_mask` (bool), `created` (UTC ISO-8601
-  timestamp), and whatever `prepare` adds about its input (e.g. `bad_utf8_documents`).
+  `num_tokens`, `num_documents`, `content_blake2b` (blake2b-128 of the shard's tokens, document index and
+  mask, hashed as they were written), and `mask_file` when masked}), `content_hash` (of the shards' hashes, in
+  order), `loss_mask` (bool), `created` (UTC ISO-8601 timestamp), and whatever `prepare` adds (`tokenizer`: the
+  path it used; `bad_utf8_documents`). Sets written before content hashes have none; readers skip the check.
 
 Crash safety: a writer fills a sibling temporary directory `<out_dir>.tmp-XXXXXXXX`; each token file is
 written as `*.partial` and renamed when complete; meta.json goes last (temp file + os.replace). Only then is
