@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from megaslm.lease import LEASE_FILE
+from megaslm.lease import LEASE_FILE, read_lease
 from tests.conftest import REPO, read_metrics, run_cli, write_config
 
 pytestmark = pytest.mark.slow
@@ -325,8 +325,8 @@ def test_a_launch_that_lost_its_lease_writes_nothing_more_and_names_the_new_hold
         rows_at_stop = steps_logged(run)
         old_token = json.loads((run / LEASE_FILE).read_text())["token"]
         new = start("train", cfg, "--force", "--set", "run.name=second")
-        wait_for(lambda: "second" in (run / "config.yaml").read_text()
-                 and json.loads((run / LEASE_FILE).read_text()).get("token") != old_token, new, "the takeover")
+        wait_for(lambda: (read_lease(run / LEASE_FILE) or {}).get("token") not in (None, old_token)
+                 and "second" in (run / "config.yaml").read_text(), new, "the takeover")
         new.send_signal(signal.SIGSTOP)  # the new launch holds the lease while the old one goes on
         wait_for(lambda: stopped(new), new, "the new launch to stop")
         old.send_signal(signal.SIGCONT)
