@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 
 from megaslm.errors import UserError
@@ -25,12 +26,20 @@ def written_files(directory: Path) -> list[str]:
     return sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file() or f.is_symlink())
 
 
+# What an export wrote before manifests listed their files: the Hugging Face model and tokenizer files.
+LEGACY = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+          "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", MANIFEST)
+
+
 def previous_export(dest: Path) -> set[str]:
-    """The files the export manifest in `dest` lists (empty when there is none or it is unreadable)."""
+    """The files the export manifest in `dest` lists (empty when there is none or it is unreadable); for an
+    export written before manifests listed files, its Hugging Face files (LEGACY)."""
     try:
         files = json.loads((dest / MANIFEST).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         return set()
+    if files is None:
+        return {f for f in written_files(dest) if "/" not in f and any(fnmatch(f, p) for p in LEGACY)}
     return {str(f) for f in files} if isinstance(files, list) else set()
 
 

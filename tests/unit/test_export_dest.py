@@ -106,3 +106,15 @@ def test_an_export_into_a_run_directory_a_live_run_holds_is_refused(tmp_path):
     assert str(e.value).startswith(f"export --out {tmp_path / 'run' / 'hf'}: inside the run directory "
                                    f"{tmp_path / 'run'}, held by the live run pid {os.getpid()} on host ")
     check_destination(tmp_path / "run" / "hf", force=False)  # released: allowed
+
+
+def test_an_export_written_before_file_lists_is_still_an_export(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (out / name).write_text("old")
+    (out / MANIFEST).write_text(json.dumps({"run_dir": "r", "tag": "step_00000002"}))  # no "files"
+    check_destination(out, force=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds notes.txt"):
+        check_destination(out, force=False)
