@@ -86,7 +86,8 @@ def check_config(cfg: Config) -> None:
         ref_what = f"reference.path {path}"
         check_positions(ref, cfg.train.seq_len, ref_what)
         want = vocab or cfg.model.vocab_size or (model.vocab_size if cfg.model.init_from else None)
-        if want is not None and ref.vocab_size != want:
+        own_tokenizer = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+        if want is not None and ref.vocab_size != want and not own_tokenizer:  # else aligned by bytes (cross.py)
             raise UserError(f"{ref_what} has vocab_size {ref.vocab_size} but the trained model's vocabulary is "
                             f"{want} (data.train {first_train_path(cfg.data)}): the reference must share the tokenizer")
 

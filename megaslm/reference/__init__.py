@@ -87,9 +87,12 @@ def make_reference(cfg, *, shards, dtype: torch.dtype, micro_batch_size: int, dp
                   f"{sources[0].path} online (score it first with `megaslm score`)", flush=True)
     if not sources:
         raise UserError("reference.path is required when objective is slm and reference.cache is not set")
+    from megaslm.reference.cross import CrossTokenizerReference, tokenizer_pair
+
     members = []
     for src in sources:
-        check_reference_tokenizer(src.path, vocab_size or shards.vocab_size, shards.fingerprint, shards.path)
-        members.append(OnlineReference(src.path, r.placement, dtype=dtype, micro_batch_size=micro_batch_size,
-                                       dp_size=dp_size, mpu=mpu, tp_group=tp_group, tp_size=tp_size))
+        pair = tokenizer_pair(src.path, shards, cfg.data.tokenizer, vocab_size=vocab_size)
+        m = OnlineReference(src.path, r.placement, dtype=dtype, micro_batch_size=micro_batch_size, dp_size=dp_size,
+                            mpu=mpu, tp_group=tp_group, tp_size=tp_size)
+        members.append(m if pair is None else CrossTokenizerReference(m, pair))
     return members[0] if len(members) == 1 else EnsembleReference(members, r.combine)

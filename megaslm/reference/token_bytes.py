@@ -42,16 +42,24 @@ class TokenBytes:
         self.lengths = np.array([-1 if b is None else len(b) for b in self.table], np.int64)
         probe = tokenizer.encode_batch(["a"])[0]
         self.dummy_prefix = b"".join(self.table[i] or b"" for i in probe) == b" a"
+        self._plain = _without_dummy_prefix(tokenizer) if self.dummy_prefix else None
 
     def bytes_of(self, ids) -> list[bytes | None]:
         return [self.table[int(i)] for i in ids]
 
-    def encode_spans(self, texts: list[bytes]) -> list[tuple[list[int], np.ndarray]]:
-        """Each text (valid UTF-8 bytes) as (token ids, int64 [n, 2] byte spans of the tokens within it). A
-        dummy-prefix space is dropped from the first token's span (which may become empty). UserError when the
-        tokenizer's pieces do not spell the text (a normalizing tokenizer: its bytes are not the text's)."""
+    def encode_spans(self, texts: list[bytes], doc_start: list[bool] | None = None) -> list[tuple[list[int], np.ndarray]]:
+        """Each text (valid UTF-8 bytes) as (token ids, int64 [n, 2] byte spans of the tokens within it). A text
+        that does not start a document is encoded without the dummy prefix where the tokenizer allows it (a
+        SentencePiece model); else a dummy-prefix space is dropped from the first token's span (which may become
+        empty). UserError when the tokenizer's pieces do not spell the text (a normalizing tokenizer)."""
+        strs = [t.decode("utf-8") for t in texts]
+        encoded = self.tokenizer.encode_batch(strs)
+        if self._plain is not None and doc_start is not None:
+            mid = [i for i, start in enumerate(doc_start) if not start]
+            for i, ids in zip(mid, self._plain.encode([strs[i] for i in mid], out_type=int)):
+                encoded[i] = ids
         out = []
-        for text, ids in zip(texts, self.tokenizer.encode_batch([t.decode("utf-8") for t in texts])):
+        for text, ids in zip(texts, encoded):
             lengths = self.lengths[np.asarray(ids, np.int64)] if ids else np.zeros(0, np.int64)
             if (lengths < 0).any():
                 raise UserError(f"tokenizer {self.tokenizer.path} made a special token of text {text[:60]!r}")
@@ -64,6 +72,19 @@ class TokenBytes:
                 spans = np.maximum(spans - 1, 0)  # the dummy space is not in the text
             out.append((list(ids), spans))
         return out
+
+
+def _without_dummy_prefix(tok):
+    """A SentencePiece processor of the same model that adds no dummy prefix (None for other tokenizers)."""
+    if not hasattr(tok, "_sp"):
+        return None
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok._data)
+    proto.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 def _spans(lengths: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ its first token as context. Concretely, `CrossTokenizer.plan(window)`:
   lets every label byte be predicted by a reference token that starts inside the labels), and around each
   special token. An incomplete UTF-8 character at a segment's ends (a window that starts or ends inside a
   character spelled by byte-fallback tokens) is not shown to the reference;
-- tokenizes each segment with the reference's tokenizer and joins them, a special token becoming the
+- tokenizes each segment with the reference's tokenizer (a SentencePiece reference adds its dummy-prefix space
+  only to a segment that starts a document, after an EOS) and joins them, a special token becoming the
   reference's EOS. The reference predicts this whole sequence causally (context: everything before in the
   window, across documents as the trained model sees a packed window).
 `carry(plan, losses)` then gives each window token its share (align.py's rule); a special token gets exactly
@@ -70,7 +71,9 @@ class CrossTokenizer:
         one batch."""
         parts = [self._segments(np.asarray(w, np.int64)) for w in windows]
         texts = [seg for _, segs, _, _ in parts for seg in segs if isinstance(seg, tuple) and seg[2] > seg[1]]
-        encoded = iter(self.reference.encode_spans([wb[a:b] for wb, a, b, _ in texts]))
+        # A segment starts a document when it follows a special token (EOS).
+        encoded = iter(self.reference.encode_spans([wb[a:b] for wb, a, b, _ in texts],
+                                                   [start for *_, start in texts]))
         plans = []
         for text_pos, segs, spans, wb in parts:
             ref_ids, ref_text, ref_spans, special_pos, special_ref = [], [], [], [], []
@@ -94,7 +97,7 @@ class CrossTokenizer:
 
     def _segments(self, w: np.ndarray):
         """(positions of text tokens, segments in order, their byte spans). A segment is a special token's window
-        position, or (window bytes, lo, hi, first position): the usable bytes [lo, hi) of a run of text tokens."""
+        position, or (window bytes, lo, hi, starts a document): the usable bytes [lo, hi) of a run of text tokens."""
         t = self.trained
         lengths = t.lengths[w].copy()
         special = lengths < 0
@@ -122,7 +125,7 @@ class CrossTokenizer:
             a = int(start_of[j])
             b = int(spans[np.searchsorted(text_pos, k - 1), 1])
             lo, hi = usable_utf8(wb[a:b])
-            segs.append((wb, a + lo, a + hi, int(j)))
+            segs.append((wb, a + lo, a + hi, bool(j > 0 and special[j - 1])))
             j = k
         return text_pos, segs, spans, wb
 
