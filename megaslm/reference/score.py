@@ -324,6 +324,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"corpus, between {MIN_CHUNK_TOKENS} and {MAX_CHUNK_TOKENS})")
     p.add_argument("--force", action="store_true",
                    help="score again even if reference.cache already holds this very cache")
+    p.add_argument("--import", dest="import_files", nargs="+", default=None, metavar="FILE",
+                   help="write reference.cache from log-probabilities computed elsewhere (JSONL, one record per "
+                        "document; format in megaslm/reference/imported.py) instead of running reference.path")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -332,6 +335,10 @@ def run(args: argparse.Namespace) -> int:
     from megaslm.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if getattr(args, "import_files", None):
+        from megaslm.reference.imported import import_logprobs
+
+        return import_logprobs(cfg, args.import_files, storage_dtype=args.storage_dtype, force=args.force)
     import torch.distributed as dist
 
     try:

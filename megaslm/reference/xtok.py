@@ -56,46 +56,14 @@ def usable_utf8(b: bytes) -> tuple[int, int]:
     return 0, 0
 
 
-class CrossTokenizer:
-    """Plans windows of `trained` token ids as `reference` token sequences and carries the losses back."""
+class Layout:
+    """The trained tokenizer's side: a window of its token ids laid on bytes (see the module docstring)."""
 
-    def __init__(self, trained, reference):
+    def __init__(self, trained):
         self.trained = trained if isinstance(trained, TokenBytes) else TokenBytes(trained)
-        self.reference = reference if isinstance(reference, TokenBytes) else TokenBytes(reference)
-        self.ref_eos = int(self.reference.tokenizer.eos_id)
-        t = self.trained
-        self._space_first = np.array([b is not None and b[:1] == b" " for b in t.table], bool)
+        self._space_first = np.array([b is not None and b[:1] == b" " for b in self.trained.table], bool)
 
-    def plan(self, windows: list[np.ndarray]) -> list[Plan]:
-        """One Plan per window (int arrays of trained token ids); the segments of all windows are tokenized in
-        one batch."""
-        parts = [self._segments(np.asarray(w, np.int64)) for w in windows]
-        texts = [seg for _, segs, _, _ in parts for seg in segs if isinstance(seg, tuple) and seg[2] > seg[1]]
-        # A segment starts a document when it follows a special token (EOS).
-        encoded = iter(self.reference.encode_spans([wb[a:b] for wb, a, b, _ in texts],
-                                                   [start for *_, start in texts]))
-        plans = []
-        for text_pos, segs, spans, wb in parts:
-            ref_ids, ref_text, ref_spans, special_pos, special_ref = [], [], [], [], []
-            for seg in segs:
-                if not isinstance(seg, tuple):  # a special token at window position seg
-                    special_pos.append(seg)
-                    special_ref.append(len(ref_ids))
-                    ref_ids.append(self.ref_eos)
-                    continue
-                _, a, b, _ = seg
-                if b <= a:
-                    continue
-                ids, sp = next(encoded)
-                ref_text.extend(range(len(ref_ids), len(ref_ids) + len(ids)))
-                ref_spans.append(sp + a)
-                ref_ids.extend(ids)
-            plans.append(Plan(ref_ids, text_pos, spans, np.array(special_pos, np.int64),
-                              np.array(special_ref, np.int64), np.array(ref_text, np.int64),
-                              np.concatenate(ref_spans) if ref_spans else np.zeros((0, 2), np.int64), wb))
-        return plans
-
-    def _segments(self, w: np.ndarray):
+    def segments(self, w: np.ndarray):
         """(positions of text tokens, segments in order, their byte spans). A segment is a special token's window
         position, or (window bytes, lo, hi, starts a document): the usable bytes [lo, hi) of a run of text tokens."""
         t = self.trained
@@ -128,6 +96,45 @@ class CrossTokenizer:
             segs.append((wb, a + lo, a + hi, bool(j > 0 and special[j - 1])))
             j = k
         return text_pos, segs, spans, wb
+
+
+class CrossTokenizer:
+    """Plans windows of `trained` token ids as `reference` token sequences and carries the losses back."""
+
+    def __init__(self, trained, reference):
+        self.layout = trained if isinstance(trained, Layout) else Layout(trained)
+        self.trained = self.layout.trained
+        self.reference = reference if isinstance(reference, TokenBytes) else TokenBytes(reference)
+        self.ref_eos = int(self.reference.tokenizer.eos_id)
+
+    def plan(self, windows: list[np.ndarray]) -> list[Plan]:
+        """One Plan per window (int arrays of trained token ids); the segments of all windows are tokenized in
+        one batch."""
+        parts = [self.layout.segments(np.asarray(w, np.int64)) for w in windows]
+        texts = [seg for _, segs, _, _ in parts for seg in segs if isinstance(seg, tuple) and seg[2] > seg[1]]
+        # A segment starts a document when it follows a special token (EOS).
+        encoded = iter(self.reference.encode_spans([wb[a:b] for wb, a, b, _ in texts],
+                                                   [start for *_, start in texts]))
+        plans = []
+        for text_pos, segs, spans, wb in parts:
+            ref_ids, ref_text, ref_spans, special_pos, special_ref = [], [], [], [], []
+            for seg in segs:
+                if not isinstance(seg, tuple):  # a special token at window position seg
+                    special_pos.append(seg)
+                    special_ref.append(len(ref_ids))
+                    ref_ids.append(self.ref_eos)
+                    continue
+                _, a, b, _ = seg
+                if b <= a:
+                    continue
+                ids, sp = next(encoded)
+                ref_text.extend(range(len(ref_ids), len(ref_ids) + len(ids)))
+                ref_spans.append(sp + a)
+                ref_ids.extend(ids)
+            plans.append(Plan(ref_ids, text_pos, spans, np.array(special_pos, np.int64),
+                              np.array(special_ref, np.int64), np.array(ref_text, np.int64),
+                              np.concatenate(ref_spans) if ref_spans else np.zeros((0, 2), np.int64), wb))
+        return plans
 
     def carry(self, plan: Plan, ref_losses: np.ndarray, n: int) -> np.ndarray:
         """float64 [n]: the carried loss of each of the window's n tokens. ref_losses[k]: the reference's loss of
