@@ -19,25 +19,6 @@ def test_carry_splits_straddling_tokens_by_bytes_and_keeps_whole_ones_exact():
     assert out.sum() == pytest.approx(losses.sum(), rel=1e-15)
 
 
-@pytest.fixture(scope="module")
-def byte_level_bpe(tmp_path_factory, tiny_data):
-    """A byte-level BPE tokenizer (GPT-2 / SmolLM2 style tokenizer.json) trained on the tiny corpus."""
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [json.loads(x)["text"] for x in open(tiny_data["train_text"])]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    out = tmp_path_factory.mktemp("bbpe")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(out))
-    return str(out)
-
-
 def _stream(tiny_data):
     from megaslm.data.shards import ShardSet
 
