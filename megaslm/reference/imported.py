@@ -67,12 +67,7 @@ def _spans(where: str, rec: dict, text: bytes) -> np.ndarray:
 
 def import_logprobs(cfg, files: list[str], *, storage_dtype: str, force: bool = False) -> int:
     """Write reference.cache from the imported files; see the module docstring."""
-    from megaslm.data.shards import ShardSet
-    from megaslm.data.tokenizer import load_tokenizer
-    from megaslm.reference.cache import (CHUNK_DIR, STORAGE_DTYPES, cache_meta, chunk_file, chunk_rows,
-                                         is_replaceable, swap_in, write_chunk, write_json_synced)
-    from megaslm.reference.score_docs import ALIGNMENT, document_starts, document_window
-    from megaslm.reference.xtok import Layout
+    from megaslm.reference.cache import is_replaceable
 
     if not cfg.reference.cache:
         raise UserError("reference.cache is required by `megaslm score --import` (the output directory)")
@@ -80,6 +75,23 @@ def import_logprobs(cfg, files: list[str], *, storage_dtype: str, force: bool = 
     if not is_replaceable(out):
         raise UserError(f"reference.cache {cfg.reference.cache} exists and is not a reference-loss cache; refusing "
                         "to replace it (choose a new or empty directory)")
+    shards, layout = _shards_and_layout(cfg)
+    T = cfg.train.seq_len
+    n_seq = (shards.num_tokens - 1) // T
+    if n_seq < 1:
+        raise UserError(f"data.train {shards.path} holds not one sequence of train.seq_len {T} (+1)")
+    flat, n_docs = _carried_stream(files, shards, layout, n_seq * T)
+    _write_cache(out, files, shards, T, flat.reshape(n_seq, T), storage_dtype)
+    print(f"megaslm score: imported {n_docs} documents from {len(files)} file(s) into {cfg.reference.cache} "
+          f"({n_seq} sequences of {T} tokens)", flush=True)
+    return 0
+
+
+def _shards_and_layout(cfg):
+    from megaslm.data.shards import ShardSet
+    from megaslm.data.tokenizer import load_tokenizer
+    from megaslm.reference.xtok import Layout
+
     shards = ShardSet(cfg.data.train)
     if not cfg.data.tokenizer:
         raise UserError("data.tokenizer is required by `megaslm score --import` (the shards' tokenizer, to lay its "
@@ -88,32 +100,22 @@ def import_logprobs(cfg, files: list[str], *, storage_dtype: str, force: bool = 
     if tok.fingerprint != shards.fingerprint:
         raise UserError(f"data.tokenizer {cfg.data.tokenizer} (sha256 {tok.fingerprint[:12]}) is not the tokenizer of "
                         f"data.train {shards.path} (sha256 {shards.fingerprint[:12]})")
-    T = cfg.train.seq_len
-    n_seq = (shards.num_tokens - 1) // T
-    if n_seq < 1:
-        raise UserError(f"data.train {shards.path} holds not one sequence of train.seq_len {T} (+1)")
-    layout, starts = Layout(tok), document_starts(shards)
-    needed = int(np.searchsorted(starts, n_seq * T, side="right"))  # documents holding a cached label
-    flat = np.full(n_seq * T, np.nan, np.float64)  # stream positions 1 .. n_seq*T
-    by_text = None
+    return shards, Layout(tok)
+
+
+def _carried_stream(files: list[str], shards, layout, n: int) -> tuple[np.ndarray, int]:
+    """float64 [n]: the carried loss of stream positions 1..n from the files' records; the documents read."""
+    from megaslm.reference.score_docs import document_starts, document_window
+
+    starts = document_starts(shards)
+    needed = int(np.searchsorted(starts, n, side="right"))  # documents holding a cached label
+    flat = np.full(n, np.nan, np.float64)
     seen: dict[int, str] = {}
+    by_text = None
     for where, rec in _records(files):
-        if "doc" in rec:
-            d = rec["doc"]
-            if not isinstance(d, int) or not 0 <= d < len(starts):
-                raise UserError(f"{where}: \"doc\" {d!r} is not a document of data.train {shards.path} "
-                                f"(0..{len(starts) - 1})")
-        elif isinstance(rec.get("text"), str):
-            if by_text is None:
-                by_text = _text_index(layout, shards, starts)
-            d = _take(by_text, rec["text"].encode("utf-8"), seen)
-            if d is None:
-                raise UserError(f"{where}: no document of data.train {shards.path} has this text "
-                                f"({rec['text'][:40]!r}...)")
-        else:
-            raise UserError(f"{where}: a record needs \"doc\" (the document's index) or \"text\"")
-        if d in seen:
-            raise UserError(f"{where}: document {d} was already given at {seen[d]}")
+        if "doc" not in rec and isinstance(rec.get("text"), str) and by_text is None:
+            by_text = _text_index(layout, shards, starts)
+        d = _document_of(where, rec, starts, by_text, seen, shards.path)
         seen[d] = where
         s, window = document_window(shards, starts, d)
         text_pos, _, spans, wb = layout.segments(window)
@@ -125,11 +127,10 @@ def import_logprobs(cfg, files: list[str], *, storage_dtype: str, force: bool = 
         if not isinstance(lp, list) or len(lp) != len(ref_spans):
             raise UserError(f"{where}: document {d} needs one log-probability per token ({len(ref_spans)}), got "
                             f"{len(lp) if isinstance(lp, list) else lp!r}")
-        losses = np.array([0.0 if x is None else -float(x) for x in lp], np.float64)
         carried = np.zeros(len(window), np.float64)
-        carried[text_pos] = carry(spans, ref_spans, losses)
+        carried[text_pos] = carry(spans, ref_spans, [0.0 if x is None else -float(x) for x in lp])
         carried[-1] = -float(rec.get("eos_logprob") or 0.0)
-        a, b = max(s, 1), min(s + len(window) - 1, n_seq * T + 1)  # stream positions held by this document
+        a, b = max(s, 1), min(s + len(window) - 1, n + 1)  # the stream positions of this document's tokens
         if b > a:
             flat[a - 1:b - 1] = carried[1:][a - s:b - s]
     missing = [d for d in range(needed) if d not in seen]
@@ -138,11 +139,39 @@ def import_logprobs(cfg, files: list[str], *, storage_dtype: str, force: bool = 
                         f"{', '.join(files)} ({len(missing)} of {needed} documents missing)")
     if not np.isfinite(flat).all():
         raise UserError(f"a log-probability in {', '.join(files)} is not finite")
+    return flat, len(seen)
+
+
+def _document_of(where: str, rec: dict, starts, by_text, seen: dict, shards_path: str) -> int:
+    if "doc" in rec:
+        d = rec["doc"]
+        if not isinstance(d, int) or not 0 <= d < len(starts):
+            raise UserError(f"{where}: \"doc\" {d!r} is not a document of data.train {shards_path} "
+                            f"(0..{len(starts) - 1})")
+        if d in seen:
+            raise UserError(f"{where}: document {d} was already given at {seen[d]}")
+        return d
+    if not isinstance(rec.get("text"), str):
+        raise UserError(f"{where}: a record needs \"doc\" (the document's index) or \"text\"")
+    d = _take(by_text, rec["text"].encode("utf-8"), seen)
+    if d is None:
+        raise UserError(f"{where}: no document of data.train {shards_path} (not yet given) has this text "
+                        f"({rec['text'][:40]!r}...)")
+    return d
+
+
+def _write_cache(out: Path, files: list[str], shards, T: int, values: np.ndarray, storage_dtype: str) -> None:
+    """The cache format of cache.py, built beside `out` and swapped in whole."""
+    from megaslm.reference.cache import (CHUNK_DIR, STORAGE_DTYPES, cache_meta, chunk_file, chunk_rows, swap_in,
+                                         write_chunk, write_json_synced)
+    from megaslm.reference.score_docs import ALIGNMENT
+
+    n_seq = len(values)
     C = max(1, (1 << 20) // T)
     key = hashlib.sha256(json.dumps([shards.fingerprint, T, [os.path.abspath(f) for f in files]]).encode())
     work = out.parent / f"{out.name}.tmp-{key.hexdigest()[:16]}"
     (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    values = flat.astype(STORAGE_DTYPES[storage_dtype]).reshape(n_seq, T)
+    values = values.astype(STORAGE_DTYPES[storage_dtype])
     for c in range(-(-n_seq // C)):
         lo, hi = chunk_rows(c, C, n_seq)
         write_chunk(chunk_file(work, c), values[lo:hi])
@@ -152,9 +181,6 @@ def import_logprobs(cfg, files: list[str], *, storage_dtype: str, force: bool = 
                                  "imported": [os.path.abspath(f) for f in files]})
     write_json_synced(work / "meta.json", meta)
     swap_in(work, out)
-    print(f"megaslm score: imported {len(seen)} documents from {len(files)} file(s) into {cfg.reference.cache} "
-          f"({n_seq} sequences of {T} tokens)", flush=True)
-    return 0
 
 
 def _text_index(layout, shards, starts) -> dict[bytes, list[int]]:

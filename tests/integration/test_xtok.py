@@ -15,6 +15,7 @@ from megaslm.errors import UserError
 from megaslm.reference.imported import import_logprobs
 from tests.conftest import REPO, read_metrics, run_cli, write_config
 
+pytestmark = pytest.mark.slow
 SEQ = 32
 
 
