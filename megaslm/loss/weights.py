@@ -50,9 +50,10 @@ class Score:
     @classmethod
     def validate(cls, cfg, bad) -> None:
         """Config checks of this score (cfg: the whole Config; bad(key, msg) -> UserError). By default: a score
-        that reads a reference needs one (reference.path, .cache or .ema_decay) under objective slm."""
-        r = cfg.reference
-        if cls.needs_reference and cfg.objective == "slm" and not (r.path or r.cache or r.ema_decay is not None):
+        that reads a reference needs one (any reference source, megaslm/reference/sources/) under objective slm."""
+        from megaslm.reference.sources import has_reference
+
+        if cls.needs_reference and cfg.objective == "slm" and not has_reference(cfg):
             raise bad(*cls.missing_reference)
 
     def __call__(self, token_loss: torch.Tensor, ref_loss: torch.Tensor | None, head: dict) -> torch.Tensor:
