@@ -183,12 +183,11 @@ def slm_ratio(ratio: float, step: int, start_step: int = 0, warmup_steps: int = 
     return 1.0 + (ratio - 1.0) * frac
 
 
-def compute_objective(token_loss, ref_loss, valid, *, objective: str | Objective, ratio: float, scope: str = "global",
-                      dp_group=None, source=None, num_sources: int = 0, weighting: str = "topk",
-                      score: str = "excess", temperature: float = 1.0, step: StepNorm | None = None,
+def compute_objective(token_loss, ref_loss, valid, *, objective: Objective, ratio: float, dp_group=None,
+                      source=None, num_sources: int = 0, step: StepNorm | None = None,
                       stop_requested: bool | None = None, head: dict | None = None) -> tuple[torch.Tensor, Metrics]:
-    """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank: `objective` (a built
-    Objective, or its kind "clm" | "slm" with `weighting`, `score`, `scope` and `temperature`) of the tensors.
+    """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank: `objective` (an Objective:
+    its kind, weighting, score and scope; `Objective.from_config(cfg)`) of the tensors.
 
     token_loss: [B, T] float32 per-token CE with grad (0 where not valid); ref_loss: [B, T] reference losses (no
     grad; scores with needs_reference, else ignored); valid: [B, T] bool labelled tokens; head: extra loss-head
@@ -205,9 +204,6 @@ def compute_objective(token_loss, ref_loss, valid, *, objective: str | Objective
     trainer's per-step stop check costs no collective of its own); the count of ranks that asked comes back as
     stats["stop_requested"]. Every rank of dp_group passes one or none.
     """
-    if not isinstance(objective, Objective):
-        objective = Objective(objective, weighting=weighting, score=score, scope=scope,
-                              slm=_Options(temperature))
     loss, metrics = objective(token_loss, valid, ratio=ratio, ref_loss=ref_loss, head=head, dp_group=dp_group,
                               step=step, source=source, num_sources=num_sources, stop_requested=stop_requested)
     return loss, metrics.resolved()
@@ -218,11 +214,6 @@ def _ratio(num, den):
     if isinstance(num, torch.Tensor) or isinstance(den, torch.Tensor):
         return torch.where(torch.as_tensor(den) > 0, num / den, 0.0)
     return num / den if den > 0 else 0.0
-
-
-@dataclass
-class _Options:
-    temperature: float
 
 
 def _global_sums(token_loss, ref_loss, valid, w, extra, source, num_sources, group, stop_requested):

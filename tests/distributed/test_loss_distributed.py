@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from _spawn import run_gloo
 
-from megaslm.loss import compute_objective, per_token_ce, select_tokens_with_threshold
+from megaslm.loss import Objective, compute_objective, per_token_ce, select_tokens_with_threshold
 from megaslm.loss.selection import global_quantiles
 
 pytestmark = pytest.mark.slow
@@ -227,8 +227,9 @@ def _step(rows, objective, scope, group):
     inputs, labels, ref_loss, source, proj, head = _model_and_batch()
     proj, head = proj.requires_grad_(), head.requires_grad_()
     token_loss = per_token_ce(inputs[rows] @ proj, head, labels[rows], chunk_size=4)
-    loss, stats = compute_objective(token_loss, ref_loss[rows], labels[rows] != -100, objective=objective,
-                                    ratio=0.6, scope=scope, dp_group=group, source=source[rows], num_sources=2)
+    loss, stats = compute_objective(token_loss, ref_loss[rows], labels[rows] != -100,
+                                    objective=Objective(objective, scope=scope),
+                                    ratio=0.6, dp_group=group, source=source[rows], num_sources=2)
     loss.backward()
     return proj.grad, head.grad, stats
 
@@ -252,7 +253,7 @@ def _dp_worker(rank, world):
     token_loss = torch.rand(2, 6, generator=torch.Generator().manual_seed(rank))
     valid = labels[2 * rank:2 * rank + 2] != -100
     args = (token_loss, ref_loss[2 * rank:2 * rank + 2], valid)
-    kw = dict(objective="slm", ratio=0.6, scope="global", dp_group=dist.group.WORLD)
+    kw = dict(objective=Objective("slm", scope="global"), ratio=0.6, dp_group=dist.group.WORLD)
     _, plain = compute_objective(*args, **kw)
     _, flagged = compute_objective(*args, **kw, stop_requested=rank == 1)
     assert flagged.pop("stop_requested") == 1.0 and flagged == plain
@@ -273,7 +274,7 @@ def _nan_worker(rank, world):
         ref[valid] = float("nan")
     token_loss = torch.rand(2, 6, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     for scope in ("sequence", "rank", "global"):
-        loss, stats = compute_objective(token_loss, ref, valid, objective="slm", ratio=0.5, scope=scope,
+        loss, stats = compute_objective(token_loss, ref, valid, objective=Objective("slm", scope=scope), ratio=0.5,
                                         dp_group=dist.group.WORLD)
         assert torch.isnan(loss) and math.isnan(stats["loss"]), scope
         assert "threshold" not in stats, scope
