@@ -24,10 +24,10 @@ import torch.distributed as dist
 from . import rules
 from .metrics import Metrics, objective_metrics
 from .selection import SCOPES, check_ratio, resolve_group
-from .weights import EXCESS_QUANTILES, Score, Weighting, Weights
+from .weights import SCORE_QUANTILES, Score, Weighting, Weights
 
 OBJECTIVES = ("clm", "slm")
-__all__ = ["OBJECTIVES", "EXCESS_QUANTILES", "Objective", "StepNorm", "plan_step", "compute_objective",
+__all__ = ["OBJECTIVES", "SCORE_QUANTILES", "Objective", "StepNorm", "plan_step", "compute_objective",
            "slm_ratio"]
 
 
@@ -197,9 +197,9 @@ def compute_objective(token_loss, ref_loss, valid, *, objective: Objective, rati
 
     Metrics (a `Metrics`: identical on every rank, global micro-batch, each with its reduction): loss (weighted
     mean CE), loss_all, n_valid; for "slm" also loss_selected, loss_unselected (omitted when every valid token is
-    selected), ref_loss (scores with a reference), selected_frac, n_selected, threshold, excess_p10/p50/p90
-    (quantiles of the score); each weighting adds its own (soft: effective_frac, weight_entropy). Means over no
-    tokens are omitted rather than NaN. With `source`: tokens/<i>, and (slm) selected_frac/<i>.
+    selected), ref_loss (scores with a reference), selected_frac, n_selected, threshold, <score>_p10/p50/p90
+    (quantiles of the score: excess_p50 for Rho-1, loss_p50, entropy_p50, ...); each weighting adds its own
+    (soft: effective_frac, weight_entropy). Means over no tokens are omitted rather than NaN. With `source`: tokens/<i>, and (slm) selected_frac/<i>.
     stop_requested: this rank's stop flag, summed over dp_group in the same all-reduce as the metrics (the
     trainer's per-step stop check costs no collective of its own); the count of ranks that asked comes back as
     stats["stop_requested"]. Every rank of dp_group passes one or none.

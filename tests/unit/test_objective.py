@@ -178,6 +178,11 @@ def test_score_loss_selects_the_top_loss_tokens_without_a_reference(scope):
         chosen.view(-1)[cand[:math.ceil(0.3 * len(cand))]] = True
     torch.testing.assert_close(loss, token_loss[chosen].mean())
     assert stats["n_selected"] == chosen.sum().item() and "ref_loss" not in stats
+    # Its order statistics are named by the score: the quantiles of the loss, not of an excess.
+    assert "excess_p50" not in stats
+    if scope == "global":
+        ordered = sorted(tl[valid].tolist())
+        assert stats["loss_p50"] == pytest.approx(ordered[math.floor(0.5 * (len(ordered) - 1))])
 
 
 def test_slm_ratio_schedule():
