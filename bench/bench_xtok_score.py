@@ -6,7 +6,8 @@ the other a byte-level BPE tokenizer trained on the same text (documents decoded
 back by bytes: megaslm/reference/score_docs.py). Both are run one after the other, in one invocation, on the
 same shards; the figure is trained-model tokens scored per second, as `megaslm score` prints it.
 
-    python bench/bench_xtok_score.py [--chars 2000000] [--vocab 4096] [--preset tiny] [--seq-len 256]
+    python bench/bench_xtok_score.py [--chars 2000000] [--vocab 4096] [--preset tiny] [--seq-len 256] \
+        [--hidden 512 --layers 8]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build(root: Path, chars: int, vocab: int, preset: str) -> dict:
+def build(root: Path, chars: int, vocab: int, preset: str, hidden: int | None, layers: int | None) -> dict:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -50,8 +51,12 @@ def build(root: Path, chars: int, vocab: int, preset: str) -> dict:
         tok = load_tokenizer(str(tok_dir))
         torch.manual_seed(0)
         out = root / name.replace(" ", "_")
-        AutoModelForCausalLM.from_config(preset_config(preset, max(vocab, tok.vocab_size), eos_id=tok.eos_id)
-                                         ).save_pretrained(out)
+        cfg = preset_config(preset, max(vocab, tok.vocab_size), eos_id=tok.eos_id)
+        if hidden:  # a wider model: the same share of attention heads and MLP
+            cfg.hidden_size, cfg.intermediate_size = hidden, hidden * 8 // 3
+            cfg.head_dim = hidden // cfg.num_attention_heads
+        cfg.num_hidden_layers = layers or cfg.num_hidden_layers
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
         tok.save_pretrained(str(out))
         refs[name] = str(out)
     return refs
@@ -81,13 +86,15 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=None, help="hidden size instead of the preset's")
+    p.add_argument("--layers", type=int, default=None, help="layers instead of the preset's")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        refs = build(root, a.chars, a.vocab, a.preset)
+        refs = build(root, a.chars, a.vocab, a.preset, a.hidden, a.layers)
         tps = {name: score(root, ref, a.seq_len, a.micro_batch) for name, ref in refs.items()}
     same, other = tps["same tokenizer"], tps["another tokenizer"]
-    print(f"megaslm score, preset {a.preset}, seq_len {a.seq_len}, micro-batch {a.micro_batch}, vocab {a.vocab}, "
+    print(f"megaslm score, preset {a.preset} (hidden {a.hidden or 'as preset'}, layers {a.layers or 'as preset'}), seq_len {a.seq_len}, micro-batch {a.micro_batch}, vocab {a.vocab}, "
           f"{a.chars} characters, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")
     print(f"  same tokenizer     {same:10.0f} trained tokens/s")
     print(f"  another tokenizer  {other:10.0f} trained tokens/s   ({same / other:.2f}x the time per token)")

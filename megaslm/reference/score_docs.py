@@ -6,6 +6,8 @@ its sequence is [EOS] + the document's text + [EOS] (the EOS before it stands fo
 which the trained model sees too), cut into blocks of train.seq_len + 1 tokens that overlap by one, as the
 loader cuts the trained stream: block k predicts sequence positions k*T+1 .. k*T+T from the block's tokens
 before them (so the reference's context is at most train.seq_len of its own tokens, restarting at a block).
+Short blocks (a document's last) share a row of T positions (`pack`), position ids restarting at each, so the
+forward computes no padding.
 The losses are carried onto the document's tokens by bytes (align.py) and written at their stream positions.
 `imported.py` aligns log-probabilities from any engine the same way, so an engine that scores the same blocks
 (`bench/logprobs_transformers.py --block-tokens T`) gives the same cache.
@@ -39,6 +41,20 @@ def blocks(ref_ids: list[int], T: int) -> list[tuple[int, list[int]]]:
     return [(k * T + 1, ref_ids[k * T:k * T + T + 1]) for k in range(max(1, math.ceil((len(ref_ids) - 1) / T)))]
 
 
+def pack(items: list[tuple], T: int) -> list[list[tuple]]:
+    """Blocks (i, first, block) into rows of T input positions, in order, each placed at an offset `at` (the row's
+    position ids restart there: transformers then attends within each block only, its packed-sequence path)."""
+    rows, row, used = [], [], 0
+    for i, first, blk in items:
+        n = len(blk) - 1
+        if used + n > T and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append((i, first, blk, used))
+        used += n
+    return rows + ([row] if row else [])
+
+
 def chunk_documents(job, chunk: int, starts: np.ndarray) -> range:
     """The documents whose tokens include a label of `chunk` (stream positions lo*T+1 .. hi*T)."""
     lo, hi = job.rows(chunk)
@@ -56,7 +72,7 @@ def score_chunk(job, chunk: int | None, run, reference, pair, starts: np.ndarray
     if chunk is not None:
         docs = [document_window(job.shards, starts, d) for d in chunk_documents(job, chunk, starts)]
     plans = pair.plan([w for _, w in docs])
-    rows = [(i, first, blk) for i, p in enumerate(plans) for first, blk in blocks(p.ref_ids, T)]
+    rows = pack([(i, first, blk) for i, p in enumerate(plans) for first, blk in blocks(p.ref_ids, T)], T)
     n_micro = torch.tensor([math.ceil(len(rows) / B)], device=run.device)
     dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)  # sync point: the same number of forwards on every rank
     ref_losses = [np.zeros(len(p.ref_ids), np.float64) for p in plans]
@@ -64,13 +80,17 @@ def score_chunk(job, chunk: int | None, run, reference, pair, starts: np.ndarray
         part = rows[m * B:(m + 1) * B]
         ids = np.zeros((max(1, len(part)), T), np.int64)
         labels = np.full((max(1, len(part)), T), -100, np.int64)
-        for r, (_, _, blk) in enumerate(part):
-            ids[r, :len(blk) - 1] = blk[:-1]
-            labels[r, :len(blk) - 1] = blk[1:]
-        v = reference.losses(torch.from_numpy(ids).to(run.device), torch.from_numpy(labels).to(run.device))
-        v = v.float().cpu().numpy()
-        for r, (i, first, blk) in enumerate(part):
-            ref_losses[i][first:first + len(blk) - 1] = v[r, :len(blk) - 1]
+        pos = np.zeros((max(1, len(part)), T), np.int64)
+        for r, row in enumerate(part):
+            for _, _, blk, at in row:
+                n = len(blk) - 1
+                ids[r, at:at + n], labels[r, at:at + n], pos[r, at:at + n] = blk[:-1], blk[1:], np.arange(n)
+        dev = run.device
+        v = reference.losses(torch.from_numpy(ids).to(dev), torch.from_numpy(labels).to(dev),
+                             torch.from_numpy(pos).to(dev)).float().cpu().numpy()
+        for r, row in enumerate(part):
+            for i, first, blk, at in row:
+                ref_losses[i][first:first + len(blk) - 1] = v[r, at:at + len(blk) - 1]
     if chunk is None:
         return None
     lo, hi = job.rows(chunk)
