@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megaslm.config import reference_paths
-from megaslm.reference.sources import Member, ReferenceSource, register_source
+from megaslm.reference.sources.base import Member, ReferenceSource, register_source
 
 
 @register_source

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from megaslm.config import first_train_path, reference_paths
-from megaslm.reference.sources import Member, ReferenceSource, register_source
+from megaslm.reference.sources.base import Member, ReferenceSource, register_source
 
 
 def tokenizer_sha256(path: str) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megaslm.reference.sources import Member, ReferenceSource, register_source
+from megaslm.reference.sources.base import Member, ReferenceSource, register_source
 
 
 @register_source

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megaslm.config import first_train_path, reference_paths
-from megaslm.reference.sources import Member, ReferenceSource, register_source
+from megaslm.reference.sources.base import Member, ReferenceSource, register_source
 
 PLACEMENTS = ("auto", "replicated", "zero3", "zero3_offload")
 
