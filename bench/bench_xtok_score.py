@@ -98,7 +98,8 @@ def main() -> None:
         per = refs.pop("_ref_tokens_per_trained_token")
         tps = {name: score(root, ref, a.seq_len, a.micro_batch) for name, ref in refs.items()}
     same, other = tps["same tokenizer"], tps["another tokenizer"]
-    print(f"megaslm score, preset {a.preset} (hidden {a.hidden or 'as preset'}, layers {a.layers or 'as preset'}), seq_len {a.seq_len}, micro-batch {a.micro_batch}, vocab {a.vocab}, "
+    arch = f"hidden {a.hidden or 'as preset'}, layers {a.layers or 'as preset'}"
+    print(f"megaslm score, preset {a.preset} ({arch}), seq_len {a.seq_len}, micro-batch {a.micro_batch}, vocab {a.vocab}, "
           f"{a.chars} characters, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")
     print(f"  same tokenizer     {same:10.0f} trained tokens/s")
     print(f"  another tokenizer  {other:10.0f} trained tokens/s   ({same / other:.2f}x the time per trained token)")

@@ -123,7 +123,8 @@ def reference_members(cfg: Config, model: ModelDescription, d: int, hw: Hardware
     return [source.plan(cfg, m, model, d, hw) for m in members]
 
 
-def describe_reference(cfg: Config, member, model: ModelDescription, d: int, hw: Hardware) -> tuple[ModelDescription, str]:
+def describe_reference(cfg: Config, member, model: ModelDescription, d: int,
+                       hw: Hardware) -> tuple[ModelDescription, str]:
     """A reference model's share of the plan: its description (the trained model's architecture when its path does
     not exist yet) and placement."""
     from megaslm.preflight import reference_hf_config

@@ -199,7 +199,8 @@ def compute_objective(token_loss, ref_loss, valid, *, objective: Objective, rati
     mean CE), loss_all, n_valid; for "slm" also loss_selected, loss_unselected (omitted when every valid token is
     selected), ref_loss (scores with a reference), selected_frac, n_selected, threshold, <score>_p10/p50/p90
     (quantiles of the score: excess_p50 for Rho-1, loss_p50, entropy_p50, ...); each weighting adds its own
-    (soft: effective_frac, weight_entropy). Means over no tokens are omitted rather than NaN. With `source`: tokens/<i>, and (slm) selected_frac/<i>.
+    (soft: effective_frac, weight_entropy). Means over no tokens are omitted rather than NaN. With `source`:
+    tokens/<i>, and (slm) selected_frac/<i>.
     stop_requested: this rank's stop flag, summed over dp_group in the same all-reduce as the metrics (the
     trainer's per-step stop check costs no collective of its own); the count of ranks that asked comes back as
     stats["stop_requested"]. Every rank of dp_group passes one or none.

@@ -243,7 +243,8 @@ def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
         mine = batch[run.groups.dp_rank] if run.groups.dp_rank < len(batch) else None
         with torch.no_grad():
             if job.pair is None:
-                values = _score_chunk(job, mine, math.ceil(max(sizes) / job.cfg.train.micro_batch_size), run, reference)
+                n_micro = math.ceil(max(sizes) / job.cfg.train.micro_batch_size)
+                values = _score_chunk(job, mine, n_micro, run, reference)
             else:  # another tokenizer: whole documents in the reference's tokens (score_docs.py)
                 values = score_docs.score_chunk(job, mine, run, reference, job.pair, starts)
         if mine is not None:
@@ -303,7 +304,8 @@ def _commit(job: Job, plan: dict, run, placement: str) -> None:
     meta = cache_meta(seq_len=job.T, num_sequences=job.n_seq, chunk_sequences=job.C, storage_dtype=job.storage_dtype,
                       compute_dtype=_dtype_name(run.dtype), shards=job.shards, world_size=run.world,
                       reference={"path": os.path.abspath(job.ref_path), "fingerprint": plan["model_fp"],
-                                 "placement": placement, "alignment": None if job.pair is None else score_docs.ALIGNMENT})
+                                 "placement": placement,
+                                 "alignment": None if job.pair is None else score_docs.ALIGNMENT})
     (work / JOB_FILE).unlink(missing_ok=True)
     write_json_synced(work / META_FILE, meta)
     swap_in(work, job.out)

@@ -47,7 +47,8 @@ class TokenBytes:
     def bytes_of(self, ids) -> list[bytes | None]:
         return [self.table[int(i)] for i in ids]
 
-    def encode_spans(self, texts: list[bytes], doc_start: list[bool] | None = None) -> list[tuple[list[int], np.ndarray]]:
+    def encode_spans(self, texts: list[bytes],
+                     doc_start: list[bool] | None = None) -> list[tuple[list[int], np.ndarray]]:
         """Each text (valid UTF-8 bytes) as (token ids, int64 [n, 2] byte spans of the tokens within it). A text
         that does not start a document is encoded without the dummy prefix where the tokenizer allows it (a
         SentencePiece model); else a dummy-prefix space is dropped from the first token's span (which may become

@@ -138,7 +138,8 @@ def test_score_with_another_tokenizer_equals_imported_transformers_logprobs(tmp_
 def test_import_refuses_a_text_that_is_not_the_documents_and_missing_documents(tmp_path, small, xref):
     cfg = _config(tmp_path, small, xref, **{"reference.cache": str(tmp_path / "c")})
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"doc": 3, "text": "not the text", "tokens": ["not the text"], "logprobs": [-1.0]}) + "\n")
+    record = {"doc": 3, "text": "not the text", "tokens": ["not the text"], "logprobs": [-1.0]}
+    bad.write_text(json.dumps(record) + "\n")
     res = run_cli("score", str(cfg), "--import", str(bad))  # the command line: one line, exit 2
     assert res.returncode == 2 and res.stderr.startswith(f"error: {bad} line 1: the text of document 3 does not "
                                                          "match data.train"), res.stderr
