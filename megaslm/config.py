@@ -221,12 +221,6 @@ def validate(cfg: Config, src: str = "config") -> Config:
         raise bad("slm.ratio", f"must be in (0, 1], got {cfg.slm.ratio}")
     if cfg.slm.scope not in SCOPES:
         raise bad("slm.scope", f"must be {_choice(SCOPES)}, got {cfg.slm.scope!r}")
-    if cfg.reference.placement not in ("auto", "replicated", "zero3", "zero3_offload"):
-        raise bad("reference.placement",
-                  f"must be auto, replicated, zero3 or zero3_offload, got {cfg.reference.placement!r}")
-    if cfg.reference.cache and (cfg.data.document_mask or isinstance(cfg.data.train, list)):
-        raise bad("reference.cache", "cannot be used with a mixture data.train or data.document_mask (the cache is "
-                                     "scored on one shard directory without document masking); use reference.path")
     _validate_slm(cfg, bad)
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise bad("wandb.mode", f"must be online, offline or disabled, got {cfg.wandb.mode!r}")
@@ -266,9 +260,12 @@ def reference_paths(cfg: Config) -> list[str]:
 def _validate_slm(cfg: Config, bad) -> None:
     from megaslm.loss.rules import SCORES, WEIGHTINGS  # the registries of the objective components
 
-    s, r = cfg.slm, cfg.reference
-    choices = {"slm.weighting": (s.weighting, tuple(WEIGHTINGS)), "slm.score": (s.score, tuple(SCORES)),
-               "reference.combine": (r.combine, COMBINES)}
+    from megaslm.reference.sources import SOURCES  # the reference sources, each checking the fields it owns
+
+    s = cfg.slm
+    for source in SOURCES.values():
+        source.validate(cfg, bad)
+    choices = {"slm.weighting": (s.weighting, tuple(WEIGHTINGS)), "slm.score": (s.score, tuple(SCORES))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise bad(key, f"must be {' or '.join(allowed)}, got {value!r}")
@@ -278,16 +275,6 @@ def _validate_slm(cfg: Config, bad) -> None:
     for key in ("start_step", "ratio_warmup_steps"):
         if getattr(s, key) < 0:
             raise bad(f"slm.{key}", f"must be >= 0, got {getattr(s, key)}")
-    paths = reference_paths(cfg)
-    if r.ema_decay is not None:
-        if not 0 < r.ema_decay <= 1:
-            raise bad("reference.ema_decay", f"must be in (0, 1], got {r.ema_decay}")
-        if paths or r.cache:
-            raise bad("reference.ema_decay", "makes the reference an average of the trained model: drop "
-                      "reference.path and reference.cache, or drop reference.ema_decay")
-    if len(paths) > 1 and r.cache:
-        raise bad("reference.cache", f"holds the losses of one model but reference.path lists {len(paths)}: "
-                  "drop reference.cache to run the ensemble online")
 
 
 def _validate_resilience(t: TrainConfig, bad) -> None:

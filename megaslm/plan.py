@@ -117,18 +117,21 @@ def reference_members(cfg: Config, model: ModelDescription, d: int, hw: Hardware
     """(description, placement) of every reference model the run holds: none for CLM and `slm.score: loss`; the
     EMA copy of the trained model; else one per reference.path entry (an ensemble lists several; a path that does
     not exist yet is planned as the trained model's architecture)."""
-    from megaslm.preflight import reference_hf_config
-    from megaslm.reference import resolve
+    from megaslm.reference.sources import claim
 
-    members = []
-    for src in resolve(cfg, assume_cache_scored=True):  # the precedence training uses
-        if src.kind == "ema":
-            members.append((model, "ema"))
-            continue
-        ref_cfg = reference_hf_config(cfg, src.path)
-        ref = describe(ref_cfg) if ref_cfg is not None else model
-        members.append((ref, resolve_placement(cfg, ref, d, hw)))
-    return members
+    source, members = claim(cfg, assume_cache_scored=True)  # the precedence training uses
+    return [source.plan(cfg, m, model, d, hw) for m in members]
+
+
+def describe_reference(cfg: Config, member, model: ModelDescription, d: int,
+                       hw: Hardware) -> tuple[ModelDescription, str]:
+    """A reference model's share of the plan: its description (the trained model's architecture when its path does
+    not exist yet) and placement."""
+    from megaslm.preflight import reference_hf_config
+
+    ref_cfg = reference_hf_config(cfg, member.path)
+    ref = describe(ref_cfg) if ref_cfg is not None else model
+    return ref, resolve_placement(cfg, ref, d, hw)
 
 
 # ----------------------------------------------------------------------------------------------- the loss head

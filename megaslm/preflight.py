@@ -79,16 +79,11 @@ def check_config(cfg: Config) -> None:
     if cfg.model.init_from and vocab is not None and model.vocab_size != vocab:
         raise UserError(f"{model_what} has vocab_size {model.vocab_size} but data.train {first_train_path(cfg.data)} has "
                         f"vocab_size {vocab}: the model and the shards must share the tokenizer")
-    for path in reference_paths(cfg):  # every model of a reference ensemble
-        ref = reference_hf_config(cfg, path)
-        if ref is None:
-            continue
-        ref_what = f"reference.path {path}"
-        check_positions(ref, cfg.train.seq_len, ref_what)
-        want = vocab or cfg.model.vocab_size or (model.vocab_size if cfg.model.init_from else None)
-        if want is not None and ref.vocab_size != want:
-            raise UserError(f"{ref_what} has vocab_size {ref.vocab_size} but the trained model's vocabulary is "
-                            f"{want} (data.train {first_train_path(cfg.data)}): the reference must share the tokenizer")
+    from megaslm.reference.sources import SOURCES
+
+    want = vocab or cfg.model.vocab_size or (model.vocab_size if cfg.model.init_from else None)
+    for source in SOURCES.values():  # each reference source's share (reference/sources/)
+        source.check(cfg, want)
 
 
 # ---------------------------------------------------------------------------------------------- data, before a run
@@ -148,12 +143,7 @@ def check_data(cfg: Config, src: str) -> None:
     hf = "a Hugging Face model directory"
     if cfg.model.init_from:
         expect_dir("model.init_from", cfg.model.init_from, "config.json", hf, src)
-    if cfg.objective == "slm":
-        for i, path in enumerate(reference_paths(cfg)):
-            expect_dir("reference.path" if isinstance(cfg.reference.path, str) else f"reference.path[{i}]", path,
-                       "config.json", hf, src)
-        if cfg.reference.cache:
-            from megaslm.reference.cache import META_FILE as CACHE_META
+    from megaslm.reference.sources import SOURCES
 
-            expect_dir("reference.cache", cfg.reference.cache, CACHE_META, "a reference-loss cache written by "
-                       "`megaslm score`", src)
+    for source in SOURCES.values():  # each reference source's share (reference/sources/)
+        source.preflight(cfg, src)

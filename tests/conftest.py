@@ -39,6 +39,25 @@ def tiny_data(tmp_path_factory):
             "valid_other": str(root / "valid_other"), "train_text": str(root / "train.jsonl")}
 
 
+@pytest.fixture(scope="session")
+def byte_level_bpe(tmp_path_factory, tiny_data):
+    """A byte-level BPE tokenizer (GPT-2 / SmolLM2 style tokenizer.json) trained on the tiny corpus."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(x)["text"] for x in open(tiny_data["train_text"])]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = tmp_path_factory.mktemp("bbpe")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(out))
+    return str(out)
+
+
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

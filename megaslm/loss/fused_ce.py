@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaslm.loss import tiles
+
 # Fused-path token chunk: its fp32 tiles [chunk, V_local] are held together (the softmax of a tile needs the
 # log-sum-exp over every vocabulary block). Bounded by this budget, but never below FUSED_MIN_TOKENS tokens, under
 # which the matmuls get thin and every chunk re-reads the weight and re-adds the fp32 weight gradient (CPU
@@ -53,31 +55,29 @@ class FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, valid, weights, chunk_size, vocab_block, tp_group, vocab_start):
-        from .per_token_ce import _WeightGrad, _chunk_logits, _local_targets
-
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, rows = hidden.shape[0], weight.shape[0]
         dev = hidden.device
         coeff = torch.where(valid, weights.float(), 0.0)
         loss = torch.zeros(n, device=dev)
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_h else None
-        grad_w = _WeightGrad(weight, n > chunk_size) if need_w else None
+        grad_w = tiles.WeightGrad(weight, n > chunk_size) if need_w else None
         for s in range(0, n, chunk_size):
             t = slice(s, min(n, s + chunk_size))
             h = hidden[t].to(weight.dtype)
             m = torch.full((h.shape[0],), float("-inf"), device=dev)
             sum_exp = torch.zeros(h.shape[0], device=dev)
             target = torch.zeros(h.shape[0], device=dev)
-            tiles = []  # (block start, exp(logits - running max at that block), that max)
+            held = []  # (block start, exp(logits - running max at that block), that max)
             for v in range(0, rows, vocab_block):  # matmul 1: the logits, online softmax statistics
-                logits = _chunk_logits(h, weight[v:v + vocab_block])
-                col, here = _local_targets(labels[t], valid[t], vocab_start + v, logits.shape[1])
+                logits = tiles.chunk_logits(h, weight[v:v + vocab_block])
+                col, here = tiles.local_targets(labels[t], valid[t], vocab_start + v, logits.shape[1])
                 target = torch.where(here, logits.gather(1, col[:, None]).squeeze(1), target)
                 new_max = torch.maximum(m, logits.amax(dim=1))
                 block_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
                 sum_exp = sum_exp * (m - new_max).exp() + block_sum
                 m = new_max
-                tiles.append((v, logits, new_max))
+                held.append((v, logits, new_max))
                 del logits
             if tp_group is not None:  # as per_token_ce: the global max, then both sums rescaled to it
                 glob_max = m.clone()
@@ -91,11 +91,11 @@ class FusedLinearCE(torch.autograd.Function):
                 continue
             c = coeff[t]
             acc_h = grad_h[t] if need_h else None
-            while tiles:  # matmuls 2 and 3 from the chunk's tiles; each tile goes as soon as it is used
-                v, d, block_max = tiles.pop(0)
+            while held:  # matmuls 2 and 3 from the chunk's tiles; each tile goes as soon as it is used
+                v, d, block_max = held.pop(0)
                 w = weight[v:v + vocab_block]
                 d.mul_((block_max - lse).exp_()[:, None])  # exp(logits - max) -> softmax
-                col, here = _local_targets(labels[t], valid[t], vocab_start + v, w.shape[0])
+                col, here = tiles.local_targets(labels[t], valid[t], vocab_start + v, w.shape[0])
                 d.scatter_add_(1, col[:, None], -here[:, None].float())
                 d.mul_(c[:, None])
                 if weight.dtype != torch.float32:

@@ -113,7 +113,7 @@ def present(cond, value):
 def objective_metrics(sums: dict, w, objective, group, num_sources: int) -> Metrics:
     """The objective's figures of one micro-step from its all-reduced sums (see compute_objective); the sums may
     be device tensors (then so are the terms)."""
-    from .weights import EXCESS_QUANTILES
+    from .weights import SCORE_QUANTILES
 
     m = Metrics()
     m.total("n_valid", sums["n_valid"])
@@ -148,8 +148,9 @@ def objective_metrics(sums: dict, w, objective, group, num_sources: int) -> Metr
         threshold = t
     if threshold is not None:
         m.mean("threshold", *present((n_sel > 0) & scored, threshold))
-    for q, v in zip(EXCESS_QUANTILES, w.quantiles):
-        m.mean(f"excess_p{round(q * 100)}", *present((v == v) & scored, v))
+    name = objective.score.name if objective.score is not None else "score"  # excess_p50, loss_p50, entropy_p50, ...
+    for q, v in zip(SCORE_QUANTILES, w.quantiles):
+        m.mean(f"{name}_p{round(q * 100)}", *present((v == v) & scored, v))
     for i in range(num_sources if len(srcs) else 0):
         m.ratio(f"selected_frac/{i}", srcs[num_sources + i], srcs[i])
     return m

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from . import rules
 from .metrics import Metrics, objective_metrics
 from .selection import SCOPES, check_ratio, resolve_group
-from .weights import EXCESS_QUANTILES, Score, Weighting, Weights
+from .weights import SCORE_QUANTILES, Score, Weighting, Weights
 
 OBJECTIVES = ("clm", "slm")
-__all__ = ["OBJECTIVES", "EXCESS_QUANTILES", "Objective", "StepNorm", "plan_step", "compute_objective",
+__all__ = ["OBJECTIVES", "SCORE_QUANTILES", "Objective", "StepNorm", "plan_step", "compute_objective",
            "slm_ratio"]
 
 
@@ -183,12 +183,11 @@ def slm_ratio(ratio: float, step: int, start_step: int = 0, warmup_steps: int = 
     return 1.0 + (ratio - 1.0) * frac
 
 
-def compute_objective(token_loss, ref_loss, valid, *, objective: str | Objective, ratio: float, scope: str = "global",
-                      dp_group=None, source=None, num_sources: int = 0, weighting: str = "topk",
-                      score: str = "excess", temperature: float = 1.0, step: StepNorm | None = None,
+def compute_objective(token_loss, ref_loss, valid, *, objective: Objective, ratio: float, dp_group=None,
+                      source=None, num_sources: int = 0, step: StepNorm | None = None,
                       stop_requested: bool | None = None, head: dict | None = None) -> tuple[torch.Tensor, Metrics]:
-    """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank: `objective` (a built
-    Objective, or its kind "clm" | "slm" with `weighting`, `score`, `scope` and `temperature`) of the tensors.
+    """(loss to backpropagate, metrics) for one micro-batch of one data-parallel rank: `objective` (an Objective:
+    its kind, weighting, score and scope; `Objective.from_config(cfg)`) of the tensors.
 
     token_loss: [B, T] float32 per-token CE with grad (0 where not valid); ref_loss: [B, T] reference losses (no
     grad; scores with needs_reference, else ignored); valid: [B, T] bool labelled tokens; head: extra loss-head
@@ -198,16 +197,14 @@ def compute_objective(token_loss, ref_loss, valid, *, objective: str | Objective
 
     Metrics (a `Metrics`: identical on every rank, global micro-batch, each with its reduction): loss (weighted
     mean CE), loss_all, n_valid; for "slm" also loss_selected, loss_unselected (omitted when every valid token is
-    selected), ref_loss (scores with a reference), selected_frac, n_selected, threshold, excess_p10/p50/p90
-    (quantiles of the score); each weighting adds its own (soft: effective_frac, weight_entropy). Means over no
-    tokens are omitted rather than NaN. With `source`: tokens/<i>, and (slm) selected_frac/<i>.
+    selected), ref_loss (scores with a reference), selected_frac, n_selected, threshold, <score>_p10/p50/p90
+    (quantiles of the score: excess_p50 for Rho-1, loss_p50, entropy_p50, ...); each weighting adds its own
+    (soft: effective_frac, weight_entropy). Means over no tokens are omitted rather than NaN. With `source`:
+    tokens/<i>, and (slm) selected_frac/<i>.
     stop_requested: this rank's stop flag, summed over dp_group in the same all-reduce as the metrics (the
     trainer's per-step stop check costs no collective of its own); the count of ranks that asked comes back as
     stats["stop_requested"]. Every rank of dp_group passes one or none.
     """
-    if not isinstance(objective, Objective):
-        objective = Objective(objective, weighting=weighting, score=score, scope=scope,
-                              slm=_Options(temperature))
     loss, metrics = objective(token_loss, valid, ratio=ratio, ref_loss=ref_loss, head=head, dp_group=dp_group,
                               step=step, source=source, num_sources=num_sources, stop_requested=stop_requested)
     return loss, metrics.resolved()
@@ -218,11 +215,6 @@ def _ratio(num, den):
     if isinstance(num, torch.Tensor) or isinstance(den, torch.Tensor):
         return torch.where(torch.as_tensor(den) > 0, num / den, 0.0)
     return num / den if den > 0 else 0.0
-
-
-@dataclass
-class _Options:
-    temperature: float
 
 
 def _global_sums(token_loss, ref_loss, valid, w, extra, source, num_sources, group, stop_requested):

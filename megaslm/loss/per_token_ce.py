@@ -33,6 +33,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaslm.loss import tiles
+from megaslm.loss.fused_ce import FusedLinearCE, fused_chunk_tokens
+
 # Vocabulary rows per block: a block's fp32 logits hold about half as many values as the hidden states
 # (tokens x hidden_size / 2), but never fewer rows than this, below which the matmuls are too thin to run at speed
 # (docs/loss_head.md has the measurements).
@@ -89,37 +92,21 @@ def per_token_ce(
     (the chunk's tiles are held together anyway: larger blocks cost no memory there). chunk_size and keep_bytes
     are not used on that path, nor with with_entropy (the entropy score is SLM's: its weights come after the
     forward).
-    vocab_range: (first vocabulary id of this rank's rows, full vocabulary size) under tp_group; None derives
-    it with one all-reduce of the row counts per call (callers in the step loop pass it: vocab_range_of).
+    vocab_range: (first vocab id of this rank's rows, full vocab size) under tp_group; None: one all-reduce.
     check_labels: raise on a label outside the vocabulary (one host sync). False: no sync; such a token's loss
     is NaN instead (the trainer's labels come from shards checked against the model's vocabulary).
     """
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"per_token_ce: hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"per_token_ce: weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
-    if not hidden.is_floating_point() or not weight.is_floating_point():
-        raise ValueError("per_token_ce: hidden and weight must be floating point")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"per_token_ce: chunk_size must be >= 1, got {chunk_size}")
-    if vocab_block is not None and vocab_block < 1:
-        raise ValueError(f"per_token_ce: vocab_block must be >= 1, got {vocab_block}")
-    if keep_bytes < 0:
-        raise ValueError(f"per_token_ce: keep_bytes must be >= 0, got {keep_bytes}")
-
-    if tp_group is not None:
-        vocab_start, vocab_size = vocab_range or _vocab_range(weight.shape[0], tp_group, weight.device)
-    else:
-        vocab_start, vocab_size = 0, weight.shape[0]
+    _check_arguments(hidden, weight, labels, chunk_size, vocab_block, keep_bytes)
+    vocab_start, vocab_size = ((vocab_range or _vocab_range(weight.shape[0], tp_group, weight.device))
+                               if tp_group is not None else (0, weight.shape[0]))
     if chunk_size is None:
         chunk_size = max(1, labels.numel())
     block_given = vocab_block is not None
     # Kept blocks only pay off when backward runs; the reference model's no-grad call never keeps.
     grad_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if vocab_block is None:
-        vocab_block = default_vocab_block(hidden.shape[-1])
-        if not grad_wanted:  # no backward: a wider transient tile, up to 64 MiB (CPU: -26% at H 256, V 32000)
-            vocab_block = max(vocab_block, min(WIDE_VOCAB_BLOCK, NO_GRAD_TILE_BYTES // (4 * chunk_size)))
+    # No backward: a wider transient tile, up to 64 MiB (CPU: -26% at H 256, V 32000)
+    vocab_block = vocab_block or max(default_vocab_block(hidden.shape[-1]), 0 if grad_wanted else min(
+        WIDE_VOCAB_BLOCK, NO_GRAD_TILE_BYTES // (4 * chunk_size)))
     keep_blocks = keep_bytes // (4 * chunk_size * vocab_block) if grad_wanted else 0
 
     labels_flat = labels.reshape(-1)
@@ -134,17 +121,9 @@ def per_token_ce(
     hidden_flat = hidden.reshape(-1, hidden.shape[-1])
     entropy = None
     if grad_weights is not None and grad_wanted and not with_entropy:
-        from .fused_ce import FusedLinearCE, fused_chunk_tokens
-
-        if grad_weights.shape != labels.shape:
-            raise ValueError(f"per_token_ce: grad_weights {tuple(grad_weights.shape)} does not match labels "
-                             f"{tuple(labels.shape)}")
-        if fused_chunk is not None and fused_chunk < 1:
-            raise ValueError(f"per_token_ce: fused_chunk must be >= 1, got {fused_chunk}")
-        chunk = fused_chunk or fused_chunk_tokens(labels_flat.numel(), weight.shape[0])
         block = vocab_block if block_given else max(vocab_block, WIDE_VOCAB_BLOCK)
-        loss = FusedLinearCE.apply(hidden_flat, weight, labels_flat, valid, grad_weights.reshape(-1).float(),
-                                   max(1, chunk), block, tp_group, vocab_start)
+        loss = _fused(hidden_flat, weight, labels_flat, valid, grad_weights, labels.shape, fused_chunk, block,
+                      tp_group, vocab_start)
     else:
         loss, entropy = _ChunkedLinearCE.apply(hidden_flat, weight, labels_flat, valid, chunk_size, vocab_block,
                                                tp_group, vocab_start, keep_blocks, with_entropy)
@@ -153,6 +132,33 @@ def per_token_ce(
     if with_entropy:
         return loss.view(labels.shape), entropy.view(labels.shape)
     return loss.view(labels.shape)
+
+
+def _check_arguments(hidden, weight, labels, chunk_size, vocab_block, keep_bytes) -> None:
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"per_token_ce: hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"per_token_ce: weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise ValueError("per_token_ce: hidden and weight must be floating point")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"per_token_ce: chunk_size must be >= 1, got {chunk_size}")
+    if vocab_block is not None and vocab_block < 1:
+        raise ValueError(f"per_token_ce: vocab_block must be >= 1, got {vocab_block}")
+    if keep_bytes < 0:
+        raise ValueError(f"per_token_ce: keep_bytes must be >= 0, got {keep_bytes}")
+
+
+def _fused(hidden_flat, weight, labels_flat, valid, grad_weights, shape, fused_chunk, block, tp_group, vocab_start):
+    """The fused head (fused_ce.py): gradients formed in the forward."""
+    if grad_weights.shape != shape:
+        raise ValueError(f"per_token_ce: grad_weights {tuple(grad_weights.shape)} does not match labels "
+                         f"{tuple(shape)}")
+    if fused_chunk is not None and fused_chunk < 1:
+        raise ValueError(f"per_token_ce: fused_chunk must be >= 1, got {fused_chunk}")
+    chunk = fused_chunk or fused_chunk_tokens(labels_flat.numel(), weight.shape[0])
+    return FusedLinearCE.apply(hidden_flat, weight, labels_flat, valid, grad_weights.reshape(-1).float(),
+                               max(1, chunk), block, tp_group, vocab_start)
 
 
 def shard_range(vocab_size: int, group_size: int, rank: int) -> tuple[int, int]:
@@ -186,18 +192,6 @@ def _vocab_range(local_rows: int, group: dist.ProcessGroup, device: torch.device
     return sum(sizes[:rank]), sum(sizes)
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # Matmul in the weight's dtype (as nn.Linear would), softmax statistics in fp32.
-    return (h.to(weight.dtype) @ weight.t()).float()
-
-
-def _local_targets(labels: torch.Tensor, valid: torch.Tensor, vocab_start: int, local_rows: int):
-    """(column of the label in this shard, mask of tokens whose label lives in this shard)."""
-    col = labels - vocab_start
-    here = valid & (col >= 0) & (col < local_rows)
-    return torch.where(here, col, torch.zeros_like(col)), here
-
-
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, valid, chunk_size, vocab_block, tp_group, vocab_start, keep_blocks,
@@ -214,8 +208,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
             t = slice(s, min(n, s + chunk_size))
             h = hidden[t].to(weight.dtype)
             for v in range(0, rows, vocab_block):
-                logits = _chunk_logits(h, weight[v:v + vocab_block])
-                col, here = _local_targets(labels[t], valid[t], vocab_start + v, logits.shape[1])
+                logits = tiles.chunk_logits(h, weight[v:v + vocab_block])
+                col, here = tiles.local_targets(labels[t], valid[t], vocab_start + v, logits.shape[1])
                 target[t] = torch.where(here, logits.gather(1, col[:, None]).squeeze(1), target[t])
                 new_max = torch.maximum(run_max[t], logits.amax(dim=1))
                 # In place: exp(logits - max) reuses the block's buffer.
@@ -258,7 +252,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, rows = hidden.shape[0], weight.shape[0]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = _WeightGrad(weight, n > ctx.chunk_size) if need_w else None
+        grad_w = tiles.WeightGrad(weight, n > ctx.chunk_size) if need_w else None
         # d loss_i / d logit_ij = softmax_ij - [j == label_i], scaled by the incoming gradient; 0 when ignored.
         scale = torch.where(valid, grad_loss.float(), 0.0)
         live = scale != 0
@@ -286,8 +280,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                         block_max = block_max[idx]
                     d.mul_((block_max - lse_c).exp_()[:, None])  # the kept exp(logits - max) -> softmax
                 else:
-                    d = _chunk_logits(h, w).sub_(lse_c[:, None]).exp_()  # softmax, from the saved lse
-                col, here = _local_targets(y, ok, ctx.vocab_start + v, w.shape[0])
+                    d = tiles.chunk_logits(h, w).sub_(lse_c[:, None]).exp_()  # softmax, from the saved lse
+                col, here = tiles.local_targets(y, ok, ctx.vocab_start + v, w.shape[0])
                 d.scatter_add_(1, col[:, None], -here[:, None].float())
                 d.mul_(sc[:, None])
                 if weight.dtype != torch.float32:
@@ -324,23 +318,3 @@ class _Entropy:
 
     def rescaled(self, local_max, glob_max, local_sum):
         return self._moved(self.s1, local_max, glob_max, local_sum)
-
-
-class _WeightGrad:
-    """The weight gradient, one vocabulary block at a time. With one token chunk each block is written once, in
-    the weight's dtype; with several, blocks are summed over the chunks in fp32."""
-
-    def __init__(self, weight, several_chunks: bool):
-        self.weight = weight
-        acc_dtype = torch.float32 if several_chunks else weight.dtype
-        self.grad = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-
-    def add(self, v: int, d_t: torch.Tensor, h: torch.Tensor) -> None:
-        rows = self.grad[v:v + d_t.shape[0]]
-        if rows.dtype == d_t.dtype:
-            rows.addmm_(d_t, h)
-        else:
-            rows += d_t @ h
-
-    def result(self) -> torch.Tensor:
-        return self.grad.to(self.weight.dtype)

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-EXCESS_QUANTILES = (0.1, 0.5, 0.9)
+SCORE_QUANTILES = (0.1, 0.5, 0.9)  # logged as <score>_p10/p50/p90 (excess_p50 for Rho-1)
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Weights:
     weights: torch.Tensor  # float [B, T], 0 where not valid
     selected: torch.Tensor  # bool [B, T]: the top-k tokens (== valid for clm)
     # Device tensors (nothing here waits for the device): the score of the k-th selected token (local scopes: the
-    # lowest selected), float64 []; the quantiles of the valid scores at EXCESS_QUANTILES, float64 [3]; the labelled
+    # lowest selected), float64 []; the quantiles of the valid scores at SCORE_QUANTILES, float64 [3]; the labelled
     # tokens with a NaN score, int64 [] (> 0 voids the step: its loss becomes NaN and the skip guard drops it).
     threshold: torch.Tensor | None = None
     quantiles: torch.Tensor | list = field(default_factory=list)
@@ -50,9 +50,10 @@ class Score:
     @classmethod
     def validate(cls, cfg, bad) -> None:
         """Config checks of this score (cfg: the whole Config; bad(key, msg) -> UserError). By default: a score
-        that reads a reference needs one (reference.path, .cache or .ema_decay) under objective slm."""
-        r = cfg.reference
-        if cls.needs_reference and cfg.objective == "slm" and not (r.path or r.cache or r.ema_decay is not None):
+        that reads a reference needs one (any reference source, megaslm/reference/sources/) under objective slm."""
+        from megaslm.reference.sources import has_reference
+
+        if cls.needs_reference and cfg.objective == "slm" and not has_reference(cfg):
             raise bad(*cls.missing_reference)
 
     def __call__(self, token_loss: torch.Tensor, ref_loss: torch.Tensor | None, head: dict) -> torch.Tensor:

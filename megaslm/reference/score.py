@@ -33,6 +33,7 @@ import numpy as np
 
 from megaslm.errors import UserError
 from megaslm.monitor import hms
+from megaslm.reference import score_docs
 from megaslm.reference.cache import (CHUNK_DIR, DEFAULT_STORAGE_DTYPE, JOB_FILE, MAX_CHUNK_TOKENS, META_FILE,
                                      MIN_CHUNK_TOKENS, STORAGE_DTYPES, cache_meta, chunk_file, chunk_rows,
                                      is_complete, is_replaceable, model_fingerprint, read_meta, shards_identity,
@@ -40,22 +41,25 @@ from megaslm.reference.cache import (CHUNK_DIR, DEFAULT_STORAGE_DTYPE, JOB_FILE,
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def _job(cfg, shards, model_fp: str, compute_dtype: str, storage_dtype: str, chunk_sequences: int) -> dict:
+def _job(cfg, shards, model_fp: str, compute_dtype: str, storage_dtype: str, chunk_sequences: int,
+         alignment: str | None = None) -> dict:
     """Everything the values depend on; its hash names the work directory, so a re-run resumes the same job."""
     ident = shards_identity(shards)
-    return {"seq_len": cfg.train.seq_len, "chunk_sequences": chunk_sequences, "storage_dtype": storage_dtype,
-            "compute_dtype": compute_dtype, "model_fingerprint": model_fp,
-            "shards": {k: ident[k] for k in ("tokenizer_fingerprint", "num_tokens", "num_documents",
-                                             "content_sha256")}}
+    job = {"seq_len": cfg.train.seq_len, "chunk_sequences": chunk_sequences, "storage_dtype": storage_dtype,
+           "compute_dtype": compute_dtype, "model_fingerprint": model_fp,
+           "shards": {k: ident[k] for k in ("tokenizer_fingerprint", "num_tokens", "num_documents",
+                                            "content_sha256")}}
+    return job if alignment is None else {**job, "alignment": alignment}  # same-tokenizer keys as before
 
 
 def _job_of_meta(meta: dict) -> dict:
-    s = meta["shards"]
-    return {"seq_len": meta["seq_len"], "chunk_sequences": meta["chunk_sequences"],
-            "storage_dtype": meta["storage_dtype"], "compute_dtype": meta.get("compute_dtype"),
-            "model_fingerprint": meta["reference"].get("fingerprint"),
-            "shards": {k: s.get(k) for k in ("tokenizer_fingerprint", "num_tokens", "num_documents",
-                                             "content_sha256")}}
+    s, alignment = meta["shards"], meta["reference"].get("alignment")
+    job = {"seq_len": meta["seq_len"], "chunk_sequences": meta["chunk_sequences"],
+           "storage_dtype": meta["storage_dtype"], "compute_dtype": meta.get("compute_dtype"),
+           "model_fingerprint": meta["reference"].get("fingerprint"),
+           "shards": {k: s.get(k) for k in ("tokenizer_fingerprint", "num_tokens", "num_documents",
+                                            "content_sha256")}}
+    return job if alignment is None else {**job, "alignment": alignment}
 
 
 def default_chunk_tokens(num_tokens: int) -> int:
@@ -76,6 +80,7 @@ class Job:
     C: int
     num_chunks: int
     storage_dtype: str
+    pair: object = None  # a CrossTokenizer when the reference has another tokenizer (score_docs.py)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -98,10 +103,11 @@ def score(cfg, *, chunk_tokens: int | None = None, storage_dtype: str = DEFAULT_
     # After the cheap checks: a config error is reported without loading torch, transformers or DeepSpeed.
     import torch.distributed as dist
 
-    from megaslm.reference.online import OnlineReference, check_reference_tokenizer
+    from megaslm.reference.cross import tokenizer_pair
+    from megaslm.reference.online import OnlineReference
     from megaslm.runtime import start_run
 
-    check_reference_tokenizer(job.ref_path, job.shards.vocab_size, job.shards.fingerprint, cfg.data.train)
+    job.pair = tokenizer_pair(job.ref_path, job.shards, cfg.data.tokenizer)
     run = start_run(cfg)  # as training: signals first, so one during model loading stops after the first round
 
     def say(msg: str) -> None:
@@ -182,7 +188,8 @@ def _plan(job: Job, run, force: bool) -> dict:
     plan: list = [None]
     if run.is_main:
         model_fp = model_fingerprint(job.ref_path)
-        ident = _job(job.cfg, job.shards, model_fp, _dtype_name(run.dtype), job.storage_dtype, job.C)
+        ident = _job(job.cfg, job.shards, model_fp, _dtype_name(run.dtype), job.storage_dtype, job.C,
+                     None if job.pair is None else score_docs.ALIGNMENT)
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         out = job.out
         work = out.parent / f"{out.name}.tmp-{key}"
@@ -227,6 +234,7 @@ def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
     from megaslm.faults import maybe_fail
 
     work, todo, W = Path(plan["work"]), plan["todo"], run.groups.dp_size
+    starts = None if job.pair is None else score_docs.document_starts(job.shards)
     t0, seqs_done, last_print = time.time(), 0, 0.0
     rounds = math.ceil(len(todo) / W)
     for k in range(rounds):
@@ -234,7 +242,11 @@ def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
         sizes = [job.rows(c)[1] - job.rows(c)[0] for c in batch]
         mine = batch[run.groups.dp_rank] if run.groups.dp_rank < len(batch) else None
         with torch.no_grad():
-            values = _score_chunk(job, mine, math.ceil(max(sizes) / job.cfg.train.micro_batch_size), run, reference)
+            if job.pair is None:
+                n_micro = math.ceil(max(sizes) / job.cfg.train.micro_batch_size)
+                values = _score_chunk(job, mine, n_micro, run, reference)
+            else:  # another tokenizer: whole documents in the reference's tokens (score_docs.py)
+                values = score_docs.score_chunk(job, mine, run, reference, job.pair, starts)
         if mine is not None:
             if run.groups.tp_rank == 0:
                 write_chunk(chunk_file(work, mine), values)
@@ -292,7 +304,8 @@ def _commit(job: Job, plan: dict, run, placement: str) -> None:
     meta = cache_meta(seq_len=job.T, num_sequences=job.n_seq, chunk_sequences=job.C, storage_dtype=job.storage_dtype,
                       compute_dtype=_dtype_name(run.dtype), shards=job.shards, world_size=run.world,
                       reference={"path": os.path.abspath(job.ref_path), "fingerprint": plan["model_fp"],
-                                 "placement": placement})
+                                 "placement": placement,
+                                 "alignment": None if job.pair is None else score_docs.ALIGNMENT})
     (work / JOB_FILE).unlink(missing_ok=True)
     write_json_synced(work / META_FILE, meta)
     swap_in(work, job.out)
@@ -313,6 +326,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"corpus, between {MIN_CHUNK_TOKENS} and {MAX_CHUNK_TOKENS})")
     p.add_argument("--force", action="store_true",
                    help="score again even if reference.cache already holds this very cache")
+    p.add_argument("--import", dest="import_files", nargs="+", default=None, metavar="FILE",
+                   help="write reference.cache from log-probabilities computed elsewhere (JSONL, one record per "
+                        "document; format in megaslm/reference/imported.py) instead of running reference.path")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -321,6 +337,10 @@ def run(args: argparse.Namespace) -> int:
     from megaslm.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if getattr(args, "import_files", None):
+        from megaslm.reference.imported import import_logprobs
+
+        return import_logprobs(cfg, args.import_files, storage_dtype=args.storage_dtype, force=args.force)
     import torch.distributed as dist
 
     try:

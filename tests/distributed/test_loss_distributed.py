@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from _spawn import run_gloo
 
-from megaslm.loss import compute_objective, per_token_ce, select_tokens_with_threshold
+from megaslm.loss import Objective, compute_objective, per_token_ce, select_tokens_with_threshold
 from megaslm.loss.selection import global_quantiles
 
 pytestmark = pytest.mark.slow
@@ -128,10 +128,10 @@ def _zero3_fused_worker(rank, world):
     labels = torch.where(torch.rand(2, 9, generator=g) < 0.2, -100, torch.randint(0, 97, (2, 9), generator=g))
     import importlib
 
-    ptc = importlib.import_module("megaslm.loss.per_token_ce")  # the package attribute is the function
+    ptc = importlib.import_module("megaslm.loss.tiles")  # the tile code both heads call
 
-    real, rows = ptc._chunk_logits, []
-    ptc._chunk_logits = lambda h, w: rows.append(h.shape[0]) or real(h, w)
+    real, rows = ptc.chunk_logits, []
+    ptc.chunk_logits = lambda h, w: rows.append(h.shape[0]) or real(h, w)
     grads = []
     for fused in (False, True):
         rows.clear()
@@ -146,7 +146,7 @@ def _zero3_fused_worker(rank, world):
         engine.destroy()
         # fused: every token's logits once (3 head matmuls); recompute: the labelled ones again in backward
         assert sum(rows) == 18 + (0 if fused else int((labels != -100).sum())), (fused, rows)
-    ptc._chunk_logits = real
+    ptc.chunk_logits = real
     assert grads[0].keys() == grads[1].keys() and any("lm_head" in n for n in grads[0])
     for n in grads[0]:
         assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
@@ -227,8 +227,9 @@ def _step(rows, objective, scope, group):
     inputs, labels, ref_loss, source, proj, head = _model_and_batch()
     proj, head = proj.requires_grad_(), head.requires_grad_()
     token_loss = per_token_ce(inputs[rows] @ proj, head, labels[rows], chunk_size=4)
-    loss, stats = compute_objective(token_loss, ref_loss[rows], labels[rows] != -100, objective=objective,
-                                    ratio=0.6, scope=scope, dp_group=group, source=source[rows], num_sources=2)
+    loss, stats = compute_objective(token_loss, ref_loss[rows], labels[rows] != -100,
+                                    objective=Objective(objective, scope=scope),
+                                    ratio=0.6, dp_group=group, source=source[rows], num_sources=2)
     loss.backward()
     return proj.grad, head.grad, stats
 
@@ -252,7 +253,7 @@ def _dp_worker(rank, world):
     token_loss = torch.rand(2, 6, generator=torch.Generator().manual_seed(rank))
     valid = labels[2 * rank:2 * rank + 2] != -100
     args = (token_loss, ref_loss[2 * rank:2 * rank + 2], valid)
-    kw = dict(objective="slm", ratio=0.6, scope="global", dp_group=dist.group.WORLD)
+    kw = dict(objective=Objective("slm", scope="global"), ratio=0.6, dp_group=dist.group.WORLD)
     _, plain = compute_objective(*args, **kw)
     _, flagged = compute_objective(*args, **kw, stop_requested=rank == 1)
     assert flagged.pop("stop_requested") == 1.0 and flagged == plain
@@ -273,7 +274,7 @@ def _nan_worker(rank, world):
         ref[valid] = float("nan")
     token_loss = torch.rand(2, 6, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     for scope in ("sequence", "rank", "global"):
-        loss, stats = compute_objective(token_loss, ref, valid, objective="slm", ratio=0.5, scope=scope,
+        loss, stats = compute_objective(token_loss, ref, valid, objective=Objective("slm", scope=scope), ratio=0.5,
                                         dp_group=dist.group.WORLD)
         assert torch.isnan(loss) and math.isnan(stats["loss"]), scope
         assert "threshold" not in stats, scope

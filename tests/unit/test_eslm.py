@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megaslm.loss import compute_objective, per_token_ce
+from megaslm.config import SLMConfig
+from megaslm.loss import Objective, compute_objective, per_token_ce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "distributed"))
 from _spawn import run_gloo  # noqa: E402
@@ -91,8 +92,9 @@ def _batch(seed=0, rows=4, cols=10):
 
 def test_entropy_score_keeps_the_top_k_by_entropy():
     token_loss, entropy, valid = _batch()
-    loss, stats = compute_objective(token_loss, None, valid, objective="slm", ratio=0.3, scope="global",
-                                    score="entropy", head={"entropy": entropy})
+    loss, stats = compute_objective(token_loss, None, valid,
+                                    objective=Objective("slm", scope="global", score="entropy"), ratio=0.3,
+                                    head={"entropy": entropy})
     ids = sorted((i for i in range(valid.numel()) if valid.flatten()[i]), key=lambda i: (-entropy.flatten()[i], i))
     k = math.ceil(0.3 * len(ids) - 1e-9)
     chosen = torch.zeros(valid.numel(), dtype=torch.bool)
@@ -101,7 +103,7 @@ def test_entropy_score_keeps_the_top_k_by_entropy():
     torch.testing.assert_close(loss, expected)
     assert stats["n_selected"] == k and "ref_loss" not in stats
     with pytest.raises(ValueError, match="entropy"):
-        compute_objective(token_loss, None, valid, objective="slm", ratio=0.3, score="entropy")
+        compute_objective(token_loss, None, valid, objective=Objective("slm", score="entropy"), ratio=0.3)
 
 
 @pytest.mark.parametrize("scope", ["sequence", "rank", "global"])
@@ -109,8 +111,10 @@ def test_cvar_weights_sum_to_the_exact_tail_mass(scope):
     token_loss, entropy, valid = _batch(1)
     entropy = entropy.round()  # ties at the threshold
     ratio = 0.35
-    loss, _ = compute_objective(token_loss, None, valid, objective="slm", ratio=ratio, scope=scope,
-                                score="entropy", weighting="cvar", head={"entropy": entropy})
+    loss, _ = compute_objective(token_loss, None, valid,
+                                objective=Objective("slm", scope=scope, weighting="cvar", score="entropy",
+                                                    slm=SLMConfig(temperature=1.0)),
+                                ratio=ratio, head={"entropy": entropy})
     (grad,) = torch.autograd.grad(loss, token_loss)
     mass = ratio * valid.sum().item()
     w = grad * mass  # d loss / d loss_i = w_i / sum(w)
@@ -132,9 +136,11 @@ def test_cvar_weights_sum_to_the_exact_tail_mass(scope):
 
 def test_cvar_at_ratio_one_is_clm():
     token_loss, entropy, valid = _batch(2)
-    clm, _ = compute_objective(token_loss, None, valid, objective="clm", ratio=1.0)
-    cvar, _ = compute_objective(token_loss, None, valid, objective="slm", ratio=1.0, weighting="cvar",
-                                score="entropy", head={"entropy": entropy})
+    clm, _ = compute_objective(token_loss, None, valid, objective=Objective("clm"), ratio=1.0)
+    cvar, _ = compute_objective(token_loss, None, valid,
+                                objective=Objective("slm", weighting="cvar", score="entropy",
+                                                    slm=SLMConfig(temperature=1.0)),
+                                ratio=1.0, head={"entropy": entropy})
     torch.testing.assert_close(cvar, clm)
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from megaslm.loss import compute_objective
+from megaslm.config import SLMConfig
+from megaslm.loss import Objective, compute_objective
 
 
 def _batch(seed=0, rows=3, cols=8):
@@ -24,7 +25,7 @@ def _grad(loss, leaf):
 
 def test_clm_is_mean_ce_over_valid_tokens():
     token_loss, _, valid, source = _batch()
-    loss, stats = compute_objective(token_loss, None, valid, objective="clm", ratio=0.3, scope="global",
+    loss, stats = compute_objective(token_loss, None, valid, objective=Objective("clm", scope="global"), ratio=0.3,
                                     source=source, num_sources=4)
     expected = token_loss[valid].mean()
     torch.testing.assert_close(loss, expected)
@@ -39,8 +40,8 @@ def test_clm_is_mean_ce_over_valid_tokens():
 @pytest.mark.parametrize("scope", ["sequence", "rank", "global"])
 def test_slm_ratio_one_equals_clm(scope):
     token_loss, ref_loss, valid, _ = _batch(1)
-    clm, clm_stats = compute_objective(token_loss, None, valid, objective="clm", ratio=1.0, scope=scope)
-    slm, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=1.0, scope=scope)
+    clm, clm_stats = compute_objective(token_loss, None, valid, objective=Objective("clm", scope=scope), ratio=1.0)
+    slm, stats = compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope=scope), ratio=1.0)
     torch.testing.assert_close(slm, clm)
     torch.testing.assert_close(_grad(slm, token_loss), _grad(clm, token_loss))
     assert stats["loss"] == pytest.approx(clm_stats["loss"])
@@ -50,7 +51,8 @@ def test_slm_ratio_one_equals_clm(scope):
 def test_slm_global_matches_hand_selection_and_stats():
     token_loss, ref_loss, valid, source = _batch(2, rows=4, cols=10)
     ratio = 0.6
-    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=ratio, scope="global",
+    loss, stats = compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope="global"),
+                                    ratio=ratio,
                                     source=source, num_sources=3)
     excess = (token_loss.detach() - ref_loss).flatten()
     ids = [i for i in range(excess.numel()) if valid.flatten()[i]]
@@ -84,7 +86,8 @@ def test_slm_global_matches_hand_selection_and_stats():
 def test_sequence_scope_selects_per_row():
     token_loss, ref_loss, valid, _ = _batch(3, rows=3, cols=6)
     valid[:] = True
-    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope="sequence")
+    loss, stats = compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope="sequence"),
+                                    ratio=0.5)
     excess = token_loss.detach() - ref_loss
     top = excess.topk(3, dim=1).indices
     chosen = torch.zeros_like(valid).scatter_(1, top, True)
@@ -96,8 +99,8 @@ def test_no_valid_tokens_gives_zero_loss_and_no_means():
     token_loss, ref_loss, valid, _ = _batch(4)
     valid[:] = False
     for objective in ("clm", "slm"):
-        loss, stats = compute_objective(token_loss, ref_loss, valid, objective=objective, ratio=0.5,
-                                        scope="global")
+        loss, stats = compute_objective(token_loss, ref_loss, valid, objective=Objective(objective, scope="global"),
+                                        ratio=0.5)
         assert loss.item() == 0.0 and (_grad(loss, token_loss) == 0).all()
         assert stats["n_valid"] == 0 and "loss" not in stats and "loss_all" not in stats
         assert all(math.isfinite(v) for v in stats.values())
@@ -107,7 +110,7 @@ def test_non_finite_unselected_losses_do_not_leak():
     token_loss, ref_loss, valid, _ = _batch(5)
     with torch.no_grad():
         token_loss[~valid] = float("nan")
-    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope="rank")
+    loss, stats = compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope="rank"), ratio=0.5)
     assert torch.isfinite(loss) and torch.isfinite(_grad(loss, token_loss)).all()
     assert all(math.isfinite(v) for v in stats.values())
 
@@ -115,22 +118,24 @@ def test_non_finite_unselected_losses_do_not_leak():
 def test_bad_arguments():
     token_loss, ref_loss, valid, _ = _batch()
     with pytest.raises(ValueError, match="objective"):
-        compute_objective(token_loss, ref_loss, valid, objective="dpo", ratio=0.5, scope="global")
+        compute_objective(token_loss, ref_loss, valid, objective=Objective("dpo", scope="global"), ratio=0.5)
     with pytest.raises(ValueError, match="ratio"):
-        compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.0, scope="global")
+        compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope="global"), ratio=0.0)
     with pytest.raises(ValueError, match="scope"):
-        compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope="node")
+        compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope="node"), ratio=0.5)
     with pytest.raises(ValueError, match="ref_loss"):
-        compute_objective(token_loss, None, valid, objective="slm", ratio=0.5, scope="global")
+        compute_objective(token_loss, None, valid, objective=Objective("slm", scope="global"), ratio=0.5)
 
 
 # ---------------------------------------------------------------------------------------------- weightings
 def test_soft_at_small_temperature_matches_topk():
     """sigmoid((excess - t) / T) tends to the top-k mask; only the k-th token itself keeps weight 1/2."""
     token_loss, ref_loss, valid, _ = _batch(6, rows=4, cols=16)
-    hard, hs = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.4, scope="global")
-    soft, ss = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.4, scope="global",
-                                 weighting="soft", temperature=1e-4)
+    hard, hs = compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope="global"), ratio=0.4)
+    soft, ss = compute_objective(token_loss, ref_loss, valid,
+                                 objective=Objective("slm", scope="global", weighting="soft",
+                                                     slm=SLMConfig(temperature=1e-4)),
+                                 ratio=0.4)
     k = hs["n_selected"]
     # The k-th token's half weight moves the weighted mean by at most (max - min loss) / (2k - 1).
     tol = (token_loss.max() - token_loss.min()).item() / (2 * k - 1)
@@ -142,8 +147,10 @@ def test_soft_at_small_temperature_matches_topk():
 
 def test_soft_weights_against_autograd():
     token_loss, ref_loss, valid, _ = _batch(7)
-    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope="global",
-                                    weighting="soft", temperature=0.7)
+    loss, stats = compute_objective(token_loss, ref_loss, valid,
+                                    objective=Objective("slm", scope="global", weighting="soft",
+                                                        slm=SLMConfig(temperature=0.7)),
+                                    ratio=0.5)
     excess = (token_loss.detach() - ref_loss)[valid]
     k = math.ceil(0.5 * int(valid.sum()))
     t = excess.sort(descending=True).values[k - 1]
@@ -160,8 +167,8 @@ def test_soft_weights_against_autograd():
 @pytest.mark.parametrize("scope", ["sequence", "rank", "global"])
 def test_score_loss_selects_the_top_loss_tokens_without_a_reference(scope):
     token_loss, _, valid, _ = _batch(8, rows=3, cols=10)
-    loss, stats = compute_objective(token_loss, None, valid, objective="slm", ratio=0.3, scope=scope,
-                                    score="loss")
+    loss, stats = compute_objective(token_loss, None, valid, objective=Objective("slm", scope=scope, score="loss"),
+                                    ratio=0.3)
     tl = token_loss.detach()
     chosen = torch.zeros_like(valid)
     groups = [torch.arange(r * 10, r * 10 + 10) for r in range(3)] if scope == "sequence" else [torch.arange(30)]
@@ -171,6 +178,11 @@ def test_score_loss_selects_the_top_loss_tokens_without_a_reference(scope):
         chosen.view(-1)[cand[:math.ceil(0.3 * len(cand))]] = True
     torch.testing.assert_close(loss, token_loss[chosen].mean())
     assert stats["n_selected"] == chosen.sum().item() and "ref_loss" not in stats
+    # Its order statistics are named by the score: the quantiles of the loss, not of an excess.
+    assert "excess_p50" not in stats
+    if scope == "global":
+        ordered = sorted(tl[valid].tolist())
+        assert stats["loss_p50"] == pytest.approx(ordered[math.floor(0.5 * (len(ordered) - 1))])
 
 
 def test_slm_ratio_schedule():
@@ -189,10 +201,11 @@ def test_metrics_reduce_as_declared_over_micro_steps():
 
     token_loss, ref_loss, valid, source = _batch(9, rows=4, cols=8)
     valid[:2, :6] = False  # the first micro-batch holds fewer labelled tokens
-    parts = [compute_objective(token_loss[r], ref_loss[r], valid[r], objective="slm", ratio=0.5, scope="sequence",
+    parts = [compute_objective(token_loss[r], ref_loss[r], valid[r], objective=Objective("slm", scope="sequence"),
+                               ratio=0.5,
                                source=source[r], num_sources=3)[1] for r in (slice(0, 2), slice(2, 4))]
     rec = Metrics.combine(parts)
-    _, whole = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope="sequence",
+    _, whole = compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope="sequence"), ratio=0.5,
                                  source=source, num_sources=3)
     for key in ("loss", "loss_all", "selected_frac", "ref_loss", "n_valid", "n_selected", "selected_frac/1",
                 "tokens/2", "loss_unselected"):
@@ -211,9 +224,11 @@ def test_step_normalization_is_token_weighted_over_micro_steps(objective):
     halves = (slice(0, 2), slice(2, 4))
     norm = plan_step([valid[h] for h in halves], weighting="topk" if objective == "slm" else "clm", ratio=0.5,
                      scope="sequence")
-    total = sum(compute_objective(token_loss[h], ref_loss[h], valid[h], objective=objective, ratio=0.5,
-                                  scope="sequence", step=norm)[0] / 2 for h in halves)
-    whole, _ = compute_objective(token_loss, ref_loss, valid, objective=objective, ratio=0.5, scope="sequence")
+    total = sum(compute_objective(token_loss[h], ref_loss[h], valid[h],
+                                  objective=Objective(objective, scope="sequence"), ratio=0.5,
+                                  step=norm)[0] / 2 for h in halves)
+    whole, _ = compute_objective(token_loss, ref_loss, valid, objective=Objective(objective, scope="sequence"),
+                                 ratio=0.5)
     torch.testing.assert_close(total, whole)
     torch.testing.assert_close(_grad(total, token_loss), _grad(whole, token_loss))
 
@@ -227,7 +242,7 @@ def test_objective_and_step_plan_make_no_host_sync(weighting, scope, monkeypatch
     """Planning a step and every micro-step of the objective wait for nothing on the device (the tensor methods
     that would are counted while they run); the figures reach the host in one transfer afterwards, equal to a
     one-micro-step objective's."""
-    from megaslm.loss import Metrics, Objective
+    from megaslm.loss import Metrics
 
     token_loss, ref_loss, valid, source = _batch(11, rows=4, cols=9)
     obj = Objective("slm", weighting=weighting, score="excess", scope=scope)
@@ -258,12 +273,12 @@ def test_nan_score_voids_the_micro_step(scope):
     token_loss, ref_loss, valid, _ = _batch(12)
     r, c = valid.nonzero()[0].tolist()
     ref_loss[r, c] = float("nan")
-    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope=scope)
+    loss, stats = compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope=scope), ratio=0.5)
     assert torch.isnan(loss) and torch.isnan(_grad(loss, token_loss)).any()  # so the grad norm is NaN too
     assert math.isnan(stats["loss"])
     assert not {"threshold", "excess_p10", "excess_p50", "excess_p90"} & stats.keys()
     # The same NaN on an unlabelled position is ignored.
     ref_loss[r, c] = 1.0
     ref_loss[~valid] = float("nan")
-    loss, stats = compute_objective(token_loss, ref_loss, valid, objective="slm", ratio=0.5, scope=scope)
+    loss, stats = compute_objective(token_loss, ref_loss, valid, objective=Objective("slm", scope=scope), ratio=0.5)
     assert torch.isfinite(loss) and math.isfinite(stats["loss"]) and "threshold" in stats

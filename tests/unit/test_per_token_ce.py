@@ -215,10 +215,10 @@ def test_one_chunk_of_logits_alive_at_a_time(monkeypatch, dtype):
     import importlib
     import weakref
 
-    ptc = importlib.import_module("megaslm.loss.per_token_ce")  # the attribute is the function
+    ptc = importlib.import_module("megaslm.loss.tiles")  # the tile code both heads call
 
     live, peak = [0], [0]
-    real = ptc._chunk_logits
+    real = ptc.chunk_logits
 
     def tracked(h, w):
         out = real(h, w)
@@ -227,7 +227,7 @@ def test_one_chunk_of_logits_alive_at_a_time(monkeypatch, dtype):
         weakref.finalize(out, lambda: live.__setitem__(0, live[0] - 1))
         return out
 
-    monkeypatch.setattr(ptc, "_chunk_logits", tracked)
+    monkeypatch.setattr(ptc, "chunk_logits", tracked)
     hidden, weight, labels, grad_out = _inputs((N_TOKENS,), HIDDEN, VOCAB, dtype)
     (per_token_ce(hidden, weight, labels, chunk_size=CHUNK) * grad_out).sum().backward()
     assert peak[0] == 1 and live[0] == 0
@@ -275,15 +275,15 @@ def test_sparse_upstream_gradient_bf16_weight(keep_chunks):
 def _count_logit_values(monkeypatch):
     import importlib
 
-    ptc = importlib.import_module("megaslm.loss.per_token_ce")
+    ptc = importlib.import_module("megaslm.loss.tiles")
     values = []
-    real = ptc._chunk_logits
+    real = ptc.chunk_logits
 
     def counting(h, w):
         values.append(h.shape[0] * w.shape[0])
         return real(h, w)
 
-    monkeypatch.setattr(ptc, "_chunk_logits", counting)
+    monkeypatch.setattr(ptc, "chunk_logits", counting)
     return values
 
 
@@ -433,9 +433,9 @@ def test_no_grad_and_fused_calls_use_wide_blocks(monkeypatch):
     widths = []
     import importlib
 
-    ptc = importlib.import_module("megaslm.loss.per_token_ce")
-    real = ptc._chunk_logits
-    monkeypatch.setattr(ptc, "_chunk_logits", lambda h, w: widths.append(w.shape[0]) or real(h, w))
+    ptc = importlib.import_module("megaslm.loss.tiles")
+    real = ptc.chunk_logits
+    monkeypatch.setattr(ptc, "chunk_logits", lambda h, w: widths.append(w.shape[0]) or real(h, w))
     hidden, weight, labels, _ = _inputs((40,), 8, 3000, torch.float32)
     with torch.no_grad():
         per_token_ce(hidden, weight, labels)

@@ -114,7 +114,7 @@ def test_slm_on_masked_data_counts_and_selects_response_tokens_only(tmp_path, ti
     import torch
 
     from megaslm.loss import select_tokens
-    from megaslm.loss.objective import compute_objective
+    from megaslm.loss.objective import Objective, compute_objective
 
     tok = load_tokenizer(tiny_data["tok"])
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
@@ -130,8 +130,9 @@ def test_slm_on_masked_data_counts_and_selects_response_tokens_only(tmp_path, ti
     token_loss_in = torch.where(response, token_loss, token_loss + 100.0)
     valid = b["labels"] != -100
     assert torch.equal(valid, response)
-    loss, stats = compute_objective(torch.where(valid, token_loss_in, 0.0), ref_loss, valid, objective="slm",
-                                    ratio=0.5, scope=scope)
+    loss, stats = compute_objective(torch.where(valid, token_loss_in, 0.0), ref_loss, valid,
+                                    objective=Objective("slm", scope=scope),
+                                    ratio=0.5)
     assert stats["n_valid"] == int(response.sum())
     selected = select_tokens(token_loss_in.detach() - ref_loss, valid, 0.5, scope)
     assert selected.any() and not (selected & ~response).any()

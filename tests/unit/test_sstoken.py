@@ -7,7 +7,7 @@ import torch
 
 from megaslm.config import from_dict
 from megaslm.errors import UserError
-from megaslm.loss import compute_objective
+from megaslm.loss import Objective, compute_objective
 
 
 def _batch(seed=0, rows=4, cols=10):
@@ -22,8 +22,8 @@ def _batch(seed=0, rows=4, cols=10):
 def test_keeps_the_tokens_the_model_improved_on_most(scope):
     token_loss, history, valid = _batch()
     ratio = 0.4
-    loss, stats = compute_objective(token_loss, history, valid, objective="slm", ratio=ratio, scope=scope,
-                                    score="retrospective")
+    loss, stats = compute_objective(token_loss, history, valid,
+                                    objective=Objective("slm", scope=scope, score="retrospective"), ratio=ratio)
     rel = history - token_loss.detach()
     groups = [[(r, c) for c in range(rel.shape[1])] for r in range(rel.shape[0])] if scope == "sequence" else \
         [[(r, c) for r in range(rel.shape[0]) for c in range(rel.shape[1])]]
@@ -36,10 +36,10 @@ def test_keeps_the_tokens_the_model_improved_on_most(scope):
     torch.testing.assert_close(loss, token_loss[chosen].mean())
     assert stats["ref_loss"] == pytest.approx(history[valid].double().mean().item())
     # The opposite sign of Rho-1's excess loss: the two rules pick different tokens here.
-    _, rho1 = compute_objective(token_loss, history, valid, objective="slm", ratio=ratio, scope=scope)
+    _, rho1 = compute_objective(token_loss, history, valid, objective=Objective("slm", scope=scope), ratio=ratio)
     assert rho1["loss_selected"] != pytest.approx(stats["loss_selected"])
     with pytest.raises(ValueError, match="retrospective"):
-        compute_objective(token_loss, None, valid, objective="slm", ratio=ratio, score="retrospective")
+        compute_objective(token_loss, None, valid, objective=Objective("slm", score="retrospective"), ratio=ratio)
 
 
 BASE = {"run": {"dir": "/r"}, "data": {"train": "/d"}, "objective": "slm", "slm": {"score": "retrospective"}}

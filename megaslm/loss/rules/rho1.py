@@ -17,14 +17,14 @@ import torch
 
 from megaslm.loss.metrics import present
 from megaslm.loss.selection import keep_count, select_on_device
-from megaslm.loss.weights import (EXCESS_QUANTILES, Score, Weighting, Weights, register_score,
+from megaslm.loss.weights import (SCORE_QUANTILES, Score, Weighting, Weights, register_score,
                                   register_weighting)
 
 
 def top_k(score, valid, ratio, scope, group) -> Weights:
     """The top-k mask as 0/1 weights, with its threshold and the score quantiles (shared by the weightings); all
     on the device."""
-    sel = select_on_device(score, valid, ratio, scope, EXCESS_QUANTILES, group)
+    sel = select_on_device(score, valid, ratio, scope, SCORE_QUANTILES, group)
     return Weights(sel.mask.float(), sel.mask, sel.threshold, sel.quantiles, sel.n_nan)
 
 
