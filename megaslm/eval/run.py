@@ -106,8 +106,10 @@ def evaluate_model(spec: str, tasks: str | list[str], *, limit: int | None = Non
     if batch_tokens < 1:
         raise UserError(f"--batch-tokens must be >= 1, got {batch_tokens}")
     names = parse_tasks(tasks)
-    loaded = load_tasks(names, include_path, num_fewshot)  # before the model: a bad task fails fast
     t0 = time.time()
+    # a first line at once: loading lm-eval, the tasks and the model takes tens of seconds on a CPU
+    print(f"megaslm eval: {spec}: loading the tasks ({', '.join(names)}) and the model", file=sys.stderr, flush=True)
+    loaded = load_tasks(names, include_path, num_fewshot)  # before the model: a bad task fails fast
     lm, tokenizer, run_dir, used_tag = load_model(spec, tag)
     table = run_tasks(make_lm(lm, tokenizer, batch_tokens), loaded, limit)
     result = {"tasks": table, "model": spec, "limit": limit, "num_fewshot": num_fewshot,
