@@ -23,13 +23,13 @@ def add_parser(sub) -> None:
                     "default: MATH problems outside MATH-500, one half)")
     rc.add_argument("--noisy", nargs="+", default=None, help="the continued pretraining's text, one source per "
                     "file (default: the other half of MATH mixed with this machine's web-like noise)")
-    rc.add_argument("--steps", type=int, default=None, help="CLM and SLM optimizer steps (default 60)")
-    rc.add_argument("--ref-steps", type=int, default=None, help="the reference's CLM steps (default 40)")
+    rc.add_argument("--steps", type=int, default=None, help="CLM and SLM optimizer steps (default 40)")
+    rc.add_argument("--ref-steps", type=int, default=None, help="the reference's CLM steps (default 20)")
     rc.add_argument("--ratio", type=float, default=None, help="SLM's selected fraction (default 0.6)")
     rc.add_argument("--noise-share", type=float, default=None, help="noise's share of the default noisy mix's bytes "
                     "(default 0.6)")
     rc.add_argument("--lr", type=float, default=None, help="CLM and SLM peak learning rate (default 3e-4)")
-    rc.add_argument("--eval-every", type=int, default=None, help="in-loop evaluation every N steps (default 20)")
+    rc.add_argument("--eval-every", type=int, default=None, help="in-loop evaluation every N steps (default 10)")
     rc.add_argument("--eval-limit", type=int, default=None, help="examples per eval task (default 20)")
     rc.add_argument("--seed", type=int, default=0, help="seed of the noise sample, the data order and the runs")
     rc.set_defaults(func=main)

@@ -3,7 +3,7 @@
 1. the reference: the base fine-tuned with CLM on clean math (MATH problems outside MATH-500, one half);
 2. CLM: the base continues pretraining on the noisy mix (the other half, plus web-like noise);
 3. SLM (ratio 0.6, global scope, the reference's excess loss): the same init, data order and tokens as CLM;
-with the in-loop evaluation (`eval` section: MATH-500 and GSM8K bits per byte, SciQ) every few steps, the base
+with the in-loop evaluation (`eval` section: MATH-500 and GSM8K bits per byte, ARC-Easy) every few steps, the base
 evaluated once, a 13-gram contamination check of the eval examples against both corpora (megaslm/contamination.py),
 the token view of SLM's selection on the noisy mix, both models exported, report.md / report.json / PNGs
 (megaslm/recipe/results.py). Phases resume as the demo's do (megaslm/phases.py); DIR/recipe.json is the state.
@@ -22,11 +22,14 @@ from megaslm.phases import Console, Job, differences, megaslm, read_state, run_p
 NAME = "rho1-math"
 STATE = "recipe.json"
 DEFAULT_DIR = "recipe_rho1_math"
-EVAL_TASKS = ["math500_bpb", "gsm8k_bpb", "sciq"]
+# MATH-500 and GSM8K gold bits per byte given the problem alone (megaslm/recipe/tasks/: the built-in tasks' 4-5
+# shot prompts make each in-loop evaluation several times longer on a CPU), and one general task.
+EVAL_TASKS = ["math500_0shot_bpb", "gsm8k_0shot_bpb", "arc_easy"]
+TASKS_DIR = str(Path(__file__).resolve().parent / "tasks")
 # Chosen to fit ~60 minutes on 2 quiet CPU cores with SmolLM2-135M (docs/recipe_rho1_math.md: the time split, the
 # settings tried): 512-token sequences, 1 per process x 2 processes = 1024 tokens per step.
-DEFAULTS = dict(noise_share=0.6, seq_len=512, micro_batch=1, ref_steps=40, steps=60, lr=3e-4, ref_lr=3e-4,
-                warmup_steps=5, ratio=0.6, eval_every=20, eval_limit=20, token_view_docs=2, nproc=2)
+DEFAULTS = dict(noise_share=0.6, seq_len=512, micro_batch=1, ref_steps=20, steps=40, lr=3e-4, ref_lr=3e-4,
+                warmup_steps=5, ratio=0.6, eval_every=10, eval_limit=20, token_view_docs=2, nproc=2)
 CONSOLE = Console("recipe")
 
 
@@ -108,7 +111,8 @@ def phase_contamination(j: Job) -> None:
 
     CONSOLE.phase(f"contamination: 13-gram overlap of the eval tasks' examples ({', '.join(EVAL_TASKS)}) with both "
                   "corpora")
-    res = check([j.path("shards", "clean"), j.path("shards", "noisy")], EVAL_TASKS, tokenizer=_base(j))
+    res = check([j.path("shards", "clean"), j.path("shards", "noisy")], EVAL_TASKS, include_path=[TASKS_DIR],
+                tokenizer=_base(j))
     from megaslm.atomic import write_json
 
     write_json(j.root / "contamination.json", res)
@@ -116,7 +120,7 @@ def phase_contamination(j: Job) -> None:
 
 
 def _eval_args(j: Job) -> list[str]:
-    return ["--tasks", ",".join(EVAL_TASKS), "--limit", str(j.p["eval_limit"])]
+    return ["--tasks", ",".join(EVAL_TASKS), "--limit", str(j.p["eval_limit"]), "--include-path", TASKS_DIR]
 
 
 def phase_base_eval(j: Job) -> None:
@@ -135,7 +139,8 @@ def run_config(j: Job, name: str, shards: str, steps: int, lr: float, evaluate: 
          "deepspeed": {"config": "ds_configs/zero2.json"},
          "wandb": {"mode": "offline", "project": "megaslm-recipe"}}
     if evaluate:
-        c["eval"] = {"tasks": EVAL_TASKS, "every": p["eval_every"], "limit": p["eval_limit"]}
+        c["eval"] = {"tasks": EVAL_TASKS, "every": p["eval_every"], "limit": p["eval_limit"],
+                     "include_path": [TASKS_DIR]}
     return c
 
 
