@@ -85,8 +85,6 @@ def shard_texts(path: str, tokenizer: str | None = None):
     from megaslm.data.tokenizer import load_tokenizer
 
     meta_file = Path(path) / "meta.json"
-    if not meta_file.is_file():
-        raise UserError(f"{path}: not a shard directory (no meta.json; make one with `megaslm prepare`)")
     spec = tokenizer or json.loads(meta_file.read_text()).get("tokenizer")
     if not spec:
         raise UserError(f"{path}: its meta.json names no tokenizer: pass --tokenizer")
@@ -109,6 +107,9 @@ def check(shard_dirs: list[str], tasks: list[str], n: int = NGRAM, limit: int | 
     """The contamination of `tasks`' examples (or the given {task: [text]}) in `shard_dirs` (module docstring)."""
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
+    for d in shard_dirs:  # before lm-eval loads the tasks (seconds): a wrong path fails at once
+        if not (Path(d) / "meta.json").is_file():
+            raise UserError(f"{d}: not a shard directory (no meta.json; make one with `megaslm prepare`)")
     examples = examples if examples is not None else task_examples(tasks, include_path, limit)
     index, own = example_index(examples, n)
     hit: dict[str, set[int]] = {t: set() for t in examples}
