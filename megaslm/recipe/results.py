@@ -77,7 +77,7 @@ def plot_metric(task: str, metric: str, row: dict, tokens_per_step: int, path: P
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, scale, xlabel in zip(axes[0], (1, tokens_per_step), ("optimizer step", "training tokens")):
         for name, color in (("clm", "C0"), ("slm", "C1")):
-            pts = row[name]
+            pts = ([[0, row["base"]]] if row["base"] is not None else []) + row[name]  # both start at the base
             if pts:
                 ax.plot([s * scale for s, _ in pts], [v for _, v in pts], "-o", ms=4, color=color,
                         label=name.upper())
@@ -115,7 +115,8 @@ def markdown(p: dict, tasks: dict, cont: dict | None, state: dict, elapsed: floa
             lines += [f"| {int(s)} | {_fmt(row['base'])} | {_fmt(v)} | {_fmt(slm.get(s))} |" for s, v in row["clm"]]
             reach = row["slm_steps_to_clm_final"]
             lines += ["", f"SLM reaches CLM's final ({_fmt(row['clm_final'])}) at step "
-                      + (f"{reach} ({row['speedup']}x fewer steps)" if reach else "- (not within the run)"), "",
+                      + (f"{reach}" + (f" ({row['speedup']}x fewer steps)" if row["speedup"] else "")
+                         if reach is not None else "- (not within the run)"), "",
                       f"![{task} {metric}](eval_{task}_{metric}.png)", ""]
     if cont:
         from megaslm.contamination import summary

@@ -180,11 +180,18 @@ def phase_export(j: Job) -> None:
 
 
 def phase_tokens(j: Job) -> None:
+    import torch
+
     from megaslm.analyze.tokens import analyze_tokens
 
     CONSOLE.phase("the token view: what SLM selects on the noisy mix (megaslm analyze tokens)")
-    analyze_tokens(j.path("slm_hf"), j.path("reference_hf"), [j.path("shards", "noisy")], j.path("tokens"),
-                   docs=j.p["token_view_docs"], seq_len=j.p["seq_len"], ratio=j.p["ratio"], batch_size=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo's analysis: on 2 shared cores a second thread stalls the first
+    try:
+        analyze_tokens(j.path("slm_hf"), j.path("reference_hf"), [j.path("shards", "noisy")], j.path("tokens"),
+                       docs=j.p["token_view_docs"], seq_len=j.p["seq_len"], ratio=j.p["ratio"], batch_size=2)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def phase_report(j: Job) -> None:
