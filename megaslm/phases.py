@@ -22,6 +22,7 @@ import yaml
 
 from megaslm.atomic import write_json
 from megaslm.errors import UserError
+from megaslm.monitor import hms
 from megaslm.parallel.dist import free_port
 
 
@@ -145,7 +146,7 @@ def run_phases(job: Job, phases: list) -> int:
     for i, (name, fn) in enumerate(phases, 1):
         if name in done:
             continue
-        job.console.prefix = f"{i}/{len(phases)} "
+        job.console.prefix = f"{i}/{len(phases)} (at {hms(job.elapsed())}) "
         t0 = time.time()
         try:
             fn(job)
