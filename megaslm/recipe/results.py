@@ -127,6 +127,13 @@ def markdown(p: dict, tasks: dict, cont: dict | None, state: dict, elapsed: floa
         lines += [f"| {s} | {f:.3f} |" for s, f in selection.items()]
         lines += ["", "Token view (excess loss per token, final SLM model vs the reference): "
                   "[tokens/tokens.html](tokens/tokens.html).", ""]
+    view = state.get("token_view") or {}
+    if view.get("sources"):
+        lines += ["| token view sample: source | tokens | selected fraction | mean loss | mean ref loss |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {n} | {v['tokens']} | {v['selected_frac']:.3f} | {v['mean_loss']:.4f} | "
+                  f"{v['mean_ref_loss']:.4f} |" for n, v in view["sources"].items()]
+        lines.append("")
     secs = state.get("phase_seconds") or {}
     if secs:
         lines += ["## Wall time per phase", "", "| phase | seconds |", "|---|---|"]
@@ -147,6 +154,9 @@ def write_report(root: Path, p: dict, state: dict, tokens_per_step: int, elapsed
     cont_file = root / "contamination.json"
     cont = json.loads(cont_file.read_text()) if cont_file.is_file() else None
     selection = source_selected(read_run(str(root / "runs" / "slm")))
+    view_file = root / "tokens" / "summary.json"
+    if view_file.is_file():
+        state = {**state, "token_view": json.loads(view_file.read_text())}
     write_json(root / "report.json", {"recipe": "rho1-math", "settings": p, "seed": state.get("seed"),
                                       "tokens_per_step": tokens_per_step, "elapsed_s": round(elapsed, 1),
                                       "phase_seconds": state.get("phase_seconds", {}), "tasks": tasks,
