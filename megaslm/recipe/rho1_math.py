@@ -43,6 +43,10 @@ def settings(base: str | None, clean: list[str] | None, noisy: list[str] | None,
     for k in ("steps", "ref_steps", "eval_every", "eval_limit"):
         if p[k] < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {p[k]}")
+    if base:
+        from megaslm.recipe.base import check_base
+
+        check_base(base)  # before the directory is made
     p["base"] = str(Path(base).resolve()) if base else "default"
     p["clean"] = [str(Path(c).resolve()) for c in clean] if clean else "default"
     p["noisy"] = [str(Path(c).resolve()) for c in noisy] if noisy else "default"

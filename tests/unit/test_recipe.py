@@ -91,3 +91,13 @@ def test_report_tables_figures_and_json_from_the_runs_records(tmp_path):
     assert "| 10 | 1.0000 | 0.9000 | 0.8000 |" in md and "at step 10.0 (2.0x fewer steps)" in md
     for name in rep["plots"]:
         assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name})" in md
+
+
+def test_cli_refuses_a_base_that_is_no_model_before_writing_anything(tmp_path, capsys):
+    from megaslm.cli import main
+
+    out = tmp_path / "out"
+    assert main(["recipe", "rho1-math", "--out", str(out), "--base", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --base {tmp_path}: not a Hugging Face model directory (no config.json)"]
+    assert not out.exists()
