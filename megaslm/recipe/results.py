@@ -8,7 +8,8 @@ report.json:
      "contamination": the check's result (megaslm/contamination.py), "selection": per-source selected fraction}
 
 `slm_steps_to_clm_final`: the step at which SLM's curve first reaches CLM's final figure, linear between the
-evaluated steps with the base at step 0 (null: it never does).
+evaluated steps with the base at step 0 (null: it never does, or CLM's final is no better than the base:
+`clm_improved_on_base` false).
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def task_table(root: Path) -> dict:
             higher = metric in HIGHER_IS_BETTER
             row = {"base": b, "clm": clm, "slm": slm, "higher_is_better": higher,
                    "clm_final": clm[-1][1] if clm else None, "slm_final": slm[-1][1] if slm else None}
-            reach = steps_to_reach(slm, b, row["clm_final"], higher) if clm and slm else None
+            # CLM's final no better than the base: the base "reaches" it at step 0, which measures nothing
+            gained = clm and (b is None or (row["clm_final"] > b if higher else row["clm_final"] < b))
+            reach = steps_to_reach(slm, b, row["clm_final"], higher) if gained and slm else None
+            row["clm_improved_on_base"] = bool(gained)
             row["slm_steps_to_clm_final"] = None if reach is None else round(reach, 1)
             row["speedup"] = round(clm[-1][0] / reach, 2) if reach else None
             out.setdefault(task, {})[metric] = row
@@ -114,9 +118,18 @@ def markdown(p: dict, tasks: dict, cont: dict | None, state: dict, elapsed: floa
             slm = dict((s, v) for s, v in row["slm"])
             lines += [f"| {int(s)} | {_fmt(row['base'])} | {_fmt(v)} | {_fmt(slm.get(s))} |" for s, v in row["clm"]]
             reach = row["slm_steps_to_clm_final"]
-            lines += ["", f"SLM reaches CLM's final ({_fmt(row['clm_final'])}) at step "
-                      + (f"{reach}" + (f" ({row['speedup']}x fewer steps)" if row["speedup"] else "")
-                         if reach is not None else "- (not within the run)"), "",
+            if not row["clm_improved_on_base"]:
+                verdict = f"CLM's final ({_fmt(row['clm_final'])}) is no better than the base: no speed-up to measure"
+            elif reach is None:
+                verdict = f"SLM does not reach CLM's final ({_fmt(row['clm_final'])}) within the run"
+            else:
+                verdict = (f"SLM reaches CLM's final ({_fmt(row['clm_final'])}) at step {reach} ({row['speedup']}x "
+                           "fewer steps; linear between evaluations, the base at step 0)")
+            if row["slm_final"] is not None and row["clm_final"] is not None and row["slm_final"] != row["clm_final"]:
+                better = (row["slm_final"] > row["clm_final"]) == row["higher_is_better"]
+                verdict += (f". SLM ends {'better' if better else 'worse'} than CLM: {_fmt(row['slm_final'])} against "
+                            f"{_fmt(row['clm_final'])}")
+            lines += ["", verdict + ".", "",
                       f"![{task} {metric}](eval_{task}_{metric}.png)", ""]
     if cont:
         from megaslm.contamination import summary
