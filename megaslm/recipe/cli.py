@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     rc.add_argument("--ratio", type=float, default=None, help="SLM's selected fraction (default 0.6)")
     rc.add_argument("--noise-share", type=float, default=None, help="noise's share of the default noisy mix's bytes "
                     "(default 0.6)")
-    rc.add_argument("--lr", type=float, default=None, help="CLM and SLM peak learning rate (default 3e-4)")
+    rc.add_argument("--lr", type=float, default=None, help="CLM and SLM peak learning rate (default 1e-4)")
     rc.add_argument("--eval-every", type=int, default=None, help="in-loop evaluation every N steps (default 10)")
     rc.add_argument("--eval-limit", type=int, default=None, help="examples per eval task (default 20)")
     rc.add_argument("--seed", type=int, default=0, help="seed of the noise sample, the data order and the runs")
