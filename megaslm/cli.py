@@ -201,7 +201,8 @@ def _command(argv: list[str] | None) -> str | None:
     if argv is None:  # a caller that builds the whole parser
         return None
     words = [x for x in argv if not x.startswith("-")]
-    known = ("tokenizer", "prepare", "train", "export", "submit", "score", "analyze", "report", "plan", "demo")
+    known = ("tokenizer", "prepare", "train", "export", "submit", "score", "analyze", "report", "plan", "demo",
+             "recipe", "contamination")
     return words[0] if words and words[0] in known else None
 
 
@@ -292,6 +293,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     de.add_argument("--steps", type=int, default=None, help="training steps per model (overrides the default)")
     de.add_argument("--seed", type=int, default=0, help="seed of the corpora, the inits and the data order")
     de.set_defaults(func=cmd_demo)
+    from megaslm.recipe.cli import add_parser as add_recipe  # `megaslm recipe rho1-math` (megaslm/recipe/)
+    from megaslm.contamination import add_parser as add_contamination  # `megaslm contamination SHARDS --tasks`
+
+    add_recipe(sub)
+    add_contamination(sub)
     return ap
 
 

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from megaslm.atomic import write_json
 from megaslm.errors import UserError
-from megaslm.parallel.dist import free_port
+from megaslm.phases import (Console, Job, StepFailed, differences, megaslm as _megaslm, read_metrics as _read_metrics,
+                            read_state, run_phases, train as _train)
+
+__all__ = ["StepFailed", "run_demo", "demo_settings", "claim"]
 
 FULL = dict(clean_bytes=2_000_000, noisy_bytes=3_000_000, valid_bytes=200_000, vocab=2000, seq_len=128,
             micro_batch=8, ref_steps=200, steps=200, eval_every=20, valid_sequences=64, analyze_docs=10,
@@ -45,49 +42,9 @@ VARIANTS = {"full": FULL, "quick": QUICK}
 # Each variant has its own default directory, so that one never overwrites the other's run.
 DEFAULT_DIRS = {"full": "demo_run", "quick": "demo_quick"}
 STATE = "demo.json"  # what the directory holds: variant, seed, settings, the phases done, the time spent
-
-
-def _say(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
-
-
-_step = [""]  # "4/8 " while phase 4 of 8 runs: the prefix of its first line
-
-
-def _phase(msg: str) -> None:
-    _say(f"{_step[0]}{msg}")
-
-
-class StepFailed(Exception):
-    """A command the demo ran exited non-zero; its own output (its error line) has already been printed."""
-
-    def __init__(self, what: str, code: int):
-        super().__init__(what)
-        self.what, self.code = what, code
-
-
-def _run(what: str, cmd: list[str], env: dict | None = None) -> None:
-    code = subprocess.run(cmd, env=env).returncode
-    if code != 0:
-        raise StepFailed(what, code)
-
-
-def _megaslm(*args: str) -> None:
-    _run(f"megaslm {args[0]}", [sys.executable, "-m", "megaslm.cli", *args])
-
-
-def _train(cfg: dict, path: Path, nproc: int = 2) -> None:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    # megaslm.parallel.launch is torchrun that ends a failed worker with one line instead of a traceback.
-    cmd = [sys.executable, "-m", "megaslm.parallel.launch", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "megaslm.cli", "train", str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
-           "WANDB_SILENT": "true"}
-    _run(f"megaslm train {path.name}", cmd, env)
-
-
-def _read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+CONSOLE = Console("demo")
+_say, _phase = CONSOLE.say, CONSOLE.phase
+Demo = Job
 
 
 # ---------------------------------------------------------------------------------------------- the directory
@@ -104,72 +61,24 @@ def _describe(ident: dict) -> str:
     return f"the {ident['variant']} demo (seed {ident['seed']})"
 
 
-def _differences(old: dict, new: dict) -> str:
-    diffs = [f"seed {old.get('seed')} there, {new['seed']} here"] if old.get("seed") != new["seed"] else []
-    op, np_ = old.get("params") or {}, new["params"]
-    diffs += [f"{k} {op.get(k)} there, {np_.get(k)} here" for k in sorted(set(op) | set(np_)) if op.get(k) != np_.get(k)]
-    return "; ".join(diffs)
-
-
 def claim(root: Path, ident: dict) -> dict:
     """The state of `root` for the demo `ident`, checked before anything is written: {} for a new or empty
     directory, the saved state for an unfinished or finished run of the same demo. A directory holding another
     variant's run, another configuration's, or files that are not a demo's is refused (UserError)."""
-    if not root.exists():
+    state = read_state(root, STATE, "megaslm demo")
+    if state is None:
         return {}
-    if not root.is_dir():
-        raise UserError(f"--out {root}: exists and is not a directory")
-    state_file = root / STATE
-    if not state_file.is_file():
-        if any(root.iterdir()):
-            raise UserError(f"--out {root}: the directory is not empty and holds no megaslm demo (no {STATE}; "
-                            "a demo run by an earlier megaslm has none either): pass --out with a new directory, "
-                            "or remove this one")
-        return {}
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{state_file}: unreadable ({e}); remove {root} or pass --out with a new directory") from None
     here, there = _describe(ident), _describe(state)
     if state.get("variant") != ident["variant"]:
         default = DEFAULT_DIRS[ident["variant"]]
         flag = " --quick" if ident["variant"] == "quick" else ""
         raise UserError(f"--out {root}: holds {there}, not {here}; `megaslm demo{flag}` writes to ./{default} by "
                         f"default: pass --out with another directory, or remove this one")
-    diffs = _differences(state, ident)
+    diffs = differences(state, ident)
     if diffs:
         raise UserError(f"--out {root}: holds {there} with other settings ({diffs}); pass --out with a new "
                         f"directory for this one, or remove that one")
     return state
-
-
-@dataclass
-class Demo:
-    """One demo run in `root`; `state` is what demo.json records, saved after every phase."""
-
-    root: Path
-    ident: dict
-    state: dict = field(default_factory=dict)
-    t_start: float = field(default_factory=time.time)
-
-    @property
-    def p(self) -> dict:
-        return self.ident["params"]
-
-    @property
-    def seed(self) -> int:
-        return self.ident["seed"]
-
-    def elapsed(self) -> float:
-        """Seconds spent on this demo, over every invocation that worked on it (a resumed one included)."""
-        return self.state.get("elapsed_s", 0.0) + time.time() - self.t_start
-
-    def save(self, **changes) -> None:
-        self.state.update(self.ident, **changes)
-        write_json(self.root / STATE, {**self.state, "elapsed_s": round(self.elapsed(), 1)})
-
-    def path(self, *parts: str) -> str:
-        return str(self.root.joinpath(*parts))
 
 
 # ------------------------------------------------------------------------------------------------- the phases
@@ -289,26 +198,9 @@ def run_demo(out: str | None = None, quick: bool = False, steps: int | None = No
         _say(f"{root} already holds {_describe(ident)}, finished in {state.get('elapsed_s', 0):.0f} s: report "
              f"{root / 'report.md'}. Nothing to do (remove the directory, or pass --out, to run it again)")
         return 0
-    done = list(state.get("phases_done", []))
-    if done:
-        _say(f"continuing {_describe(ident)} in {root} (done before: {', '.join(done)})")
-    root.mkdir(parents=True, exist_ok=True)
-    d = Demo(root, ident, state, t_start)
-    d.save(phases_done=done, complete=False)
-    todo = [(name, fn) for name, fn in PHASES if name not in done]
-    for i, (name, fn) in enumerate(PHASES, 1):
-        if name in done:
-            continue
-        _step[0] = f"{i}/{len(PHASES)} "
-        try:
-            fn(d)
-        except StepFailed as e:
-            _say(f"error: phase '{name}' stopped: `{e.what}` exited with code {e.code} (its error is above); "
-                 f"the phases done are kept: run the same command again to continue from '{name}'")
-            return e.code if 0 < e.code < 128 else 1
-        done.append(name)
-        d.save(phases_done=done, complete=name == todo[-1][0])
-    return 0
+    if state.get("phases_done"):
+        _say(f"continuing {_describe(ident)} in {root} (done before: {', '.join(state['phases_done'])})")
+    return run_phases(Job(root, ident, STATE, CONSOLE, state, t_start), PHASES)
 
 
 def _machine() -> str:

@@ -1,8 +1,10 @@
 """Log analysis pages (`wandb.Html`) and plots (`wandb.Image`) to the wandb run of the run they analyze.
 
 The run is resumed by the id in RUN_DIR/wandb_id (written by the trainer, megaslm/monitor.py) with
-dir=RUN_DIR, in the mode of `WANDB_MODE` or else the run's `wandb.mode`; nothing is logged when that is
-`disabled` or the run never used wandb. As in training, a wandb failure is reported and survived: the files on
+dir=RUN_DIR, in the mode of `WANDB_MODE` or else the run's `wandb.mode`, when that is `online`. Nothing is logged
+when it is `disabled` or `offline`, or the run never used wandb: an offline wandb run cannot be resumed in place
+(every `wandb.init` writes a new `offline-run-*` folder), so `report`, `analyze` and `eval` would add a folder
+inside the run they read on every call; offline, their files on disk are the result. As in training, a wandb failure is reported and survived: the files on
 disk are the result.
 """
 
@@ -22,7 +24,7 @@ def _wandb_settings(run_dir: Path) -> dict | None:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     w = (cfg or {}).get("wandb") or {}
     mode = os.environ.get("WANDB_MODE") or w.get("mode", "offline")
-    if mode == "disabled":
+    if mode in ("disabled", "offline"):
         return None
     return {"id": id_file.read_text().strip(), "mode": mode, "project": w.get("project", "megaslm"),
             "entity": w.get("entity")}

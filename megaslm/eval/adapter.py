@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -106,27 +107,44 @@ class Parallel:
 
 
 class Progress:
-    """One line on stderr every `every` seconds on rank 0: done/total, elapsed, ETA (by work: `weights`, e.g.
-    each batch's padded tokens, since the longest batches come first)."""
+    """Lines on stderr on rank 0: one when the scoring starts, then one every `every` seconds (from a timer
+    thread, so a batch that takes minutes still shows the run alive): done/total, elapsed, ETA (by work:
+    `weights`, e.g. each batch's padded tokens, since the longest batches come first). Use it as a context
+    manager: leaving it stops the timer."""
 
     def __init__(self, total: int, what: str, show: bool, every: float = 15.0, weights: list[float] | None = None):
-        self.total, self.what, self.show, self.every = total, what, show, every
+        self.total, self.what, self.show, self.every = total, what, show and total > 0, every
         self.cum = [0.0]
         for w in weights or [1.0] * total:
             self.cum.append(self.cum[-1] + w)
-        self.t0 = self.last = time.time()
+        self.t0 = time.time()
+        self.done = 0
+        self._stop = threading.Event()
+        if self.show:
+            print(f"megaslm eval: scoring {total} {what}, a line every {every:.0f} s", file=sys.stderr, flush=True)
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self.line()
+
+    def line(self) -> None:
+        done = self.done
+        el = time.time() - self.t0
+        work = self.cum[done] / max(self.cum[-1], 1e-9)
+        eta = f"ETA {el / work * (1 - work):.0f} s" if work > 0 else "ETA after the first one"
+        print(f"megaslm eval: {self.what} {done}/{self.total}, {el:.0f} s elapsed, {eta}", file=sys.stderr, flush=True)
 
     def update(self, done: int) -> None:
-        now = time.time()
-        done = min(done, self.total)
-        if not self.show or now - self.last < self.every or done >= self.total:
-            return
-        self.last = now
-        el = now - self.t0
-        work = self.cum[done] / max(self.cum[-1], 1e-9)
-        eta = el / max(work, 1e-9) * (1 - work)
-        print(f"megaslm eval: {self.what} {done}/{self.total}, {el:.0f} s elapsed, ETA {eta:.0f} s",
-              file=sys.stderr, flush=True)
+        self.done = min(done, self.total)
+        if self.done >= self.total:
+            self._stop.set()
 
 
 class MegaslmLM(TemplateLM):
@@ -199,17 +217,17 @@ class MegaslmLM(TemplateLM):
         out = torch.zeros(len(pairs), 2, dtype=torch.float64)
         # the work of a round: its batches' padded tokens (the longest batches come first)
         tokens = [len(bt) * lengths[bt[0]] for bt in batches]
-        prog = Progress(rounds, what, self.show_progress,
-                        weights=[sum(tokens[r * n:(r + 1) * n]) for r in range(rounds)])
-        for r in range(rounds):
-            b = r * n + self.par.rank
-            mine = b < len(batches)
-            idx = batches[b] if mine else batches[-1]  # a repeat keeps this rank's forwards in step; dropped
-            ll, greedy = self._forward([windows[i] for i in idx])
-            if mine:
-                out[idx, 0] = ll
-                out[idx, 1] = greedy
-            prog.update(r + 1)
+        with Progress(rounds, what, self.show_progress,
+                      weights=[sum(tokens[r * n:(r + 1) * n]) for r in range(rounds)]) as prog:
+            for r in range(rounds):
+                b = r * n + self.par.rank
+                mine = b < len(batches)
+                idx = batches[b] if mine else batches[-1]  # a repeat keeps this rank's forwards in step; dropped
+                ll, greedy = self._forward([windows[i] for i in idx])
+                if mine:
+                    out[idx, 0] = ll
+                    out[idx, 1] = greedy
+                prog.update(r + 1)
         if n > 1:
             dev = self.scorer.device
             sums = out.to(dev)
@@ -263,19 +281,19 @@ class MegaslmLM(TemplateLM):
             raise RuntimeError("generation needs a Hugging Face model (megaslm eval on an export or a run), not the "
                                "training engine")
         out = []
-        prog = Progress(len(requests), "generations", self.show_progress)
-        for k, req in enumerate(requests):
-            context, gen_kwargs = req.args
-            gen_kwargs = dict(gen_kwargs or {})
-            until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.pop("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]
-            text = self._generate(ids, max_new, until)
-            for s in until:
-                text = text.split(s)[0] if s else text
-            out.append(text)
-            prog.update(k + 1)
+        with Progress(len(requests), "generations", self.show_progress) as prog:
+            for k, req in enumerate(requests):
+                context, gen_kwargs = req.args
+                gen_kwargs = dict(gen_kwargs or {})
+                until = gen_kwargs.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                max_new = int(gen_kwargs.pop("max_gen_toks", 256))
+                ids = self.tok_encode(context)[-(self.max_length - max_new):]
+                text = self._generate(ids, max_new, until)
+                for s in until:
+                    text = text.split(s)[0] if s else text
+                out.append(text)
+                prog.update(k + 1)
         return out
 
     def _generate(self, ids: list[int], max_new: int, until: list[str]) -> str:

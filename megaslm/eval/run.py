@@ -106,9 +106,13 @@ def evaluate_model(spec: str, tasks: str | list[str], *, limit: int | None = Non
     if batch_tokens < 1:
         raise UserError(f"--batch-tokens must be >= 1, got {batch_tokens}")
     names = parse_tasks(tasks)
-    loaded = load_tasks(names, include_path, num_fewshot)  # before the model: a bad task fails fast
     t0 = time.time()
+    loaded = load_tasks(names, include_path, num_fewshot)  # before the model: a bad task fails fast
     lm, tokenizer, run_dir, used_tag = load_model(spec, tag)
+    # a line as soon as the input is known good (a bad one gets its error line alone): building the requests
+    # takes a while before the scoring's own progress lines start
+    print(f"megaslm eval: {spec}: tasks {', '.join(names)} and the model loaded in {time.time() - t0:.0f} s; "
+          "building the requests", file=sys.stderr, flush=True)
     table = run_tasks(make_lm(lm, tokenizer, batch_tokens), loaded, limit)
     result = {"tasks": table, "model": spec, "limit": limit, "num_fewshot": num_fewshot,
               "tag": used_tag, "seconds": round(time.time() - t0, 2)}

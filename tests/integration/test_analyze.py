@@ -210,10 +210,10 @@ def test_token_view_during_training_and_wandb_media(runs, outputs):
     media = [p for p in run.glob("wandb/offline-run-*/files/media/**/*") if p.is_file()]
     pages = [p.read_text() for p in media if p.suffix == ".html"]
     assert any("token view at step 6" in t for t in pages)  # logged by the trainer
-    assert any("megaslm analyze tokens" in t for t in pages)  # logged by analyze tokens
-    images = [p for p in media if p.suffix == ".png"]
-    assert len(images) >= 7  # dynamics.png and the six report plots
-    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in images)
+    # `analyze` and `report` read the run without adding an offline wandb folder to it (one per call, before):
+    # the training's own folder is the only one, and their pages and plots are files on disk.
+    assert len(list(run.glob("wandb/offline-run-*"))) == 1
+    assert not any("megaslm analyze tokens" in t for t in pages)
     # The in-process commands stopped their wandb service: later training processes must not inherit its address.
     assert "WANDB_SERVICE" not in os.environ
 
