@@ -206,14 +206,8 @@ def _command(argv: list[str] | None) -> str | None:
     return words[0] if words and words[0] in known else None
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    command = _command(argv)
-    ap = argparse.ArgumentParser(prog="megaslm", description="Pretraining with Selective Language Modeling "
-                                 "(Rho-1) on DeepSpeed ZeRO.")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_data_and_train(sub) -> None:
+    """`tokenizer train`, `prepare` and `train`."""
     tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     tsub = tok.add_subparsers(dest="tok_command", metavar="ACTION")
     tsub.required = True
@@ -245,6 +239,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="take the run directory's lease even if a live run seems to hold it (see docs/resilience.md)")
     tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     tr.set_defaults(func=cmd_train)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    command = _command(argv)
+    ap = argparse.ArgumentParser(prog="megaslm", description="Pretraining with Selective Language Modeling "
+                                 "(Rho-1) on DeepSpeed ZeRO.")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    _add_data_and_train(sub)
 
     ex = sub.add_parser("export", help="write a Hugging Face model directory from a run's latest checkpoint")
     ex.add_argument("run_dir")
