@@ -85,8 +85,8 @@ def test_every_shipped_config_loads_and_plans(path):
     cfg = load_config(path)  # paths such as shards/web need not exist
     p = P.plan(cfg, P.Hardware(nodes=16 if "7b" in path.name else 4))
     assert p["fits"], (path.name, p["memory_total_bytes"] / P.GIB)
-    if cfg.objective == "slm":
-        assert p["total_tokens"] >= 80e9
+    if cfg.objective == "slm":  # pretraining toward 80B+ tokens; the Rho-1 math recipe continues for the paper's 15B
+        assert p["total_tokens"] >= (15e9 if path.name.startswith("rho1_math") else 80e9)
     assert {"reference_1b.yaml", "slm_1b.yaml", "slm_1b_cached.yaml", "reference_7b.yaml", "slm_7b.yaml",
             "slm_7b_cached.yaml"} <= {c.name for c in CONFIGS}
 
