@@ -8,9 +8,12 @@ attention is not masked at EOS (nanoGPT / GPT-NeoX style packing).
 Order: epoch e visits the sequences in `np.random.default_rng([seed, e]).permutation(n_seq)`. Each
 `next_batch()` consumes one global micro-batch of G = micro_batch_size * dp_size consecutive entries of that
 order, and rank r takes entries [pos + r*B, pos + (r+1)*B). So dp_size=2, B=4 sees exactly the sequences of
-dp_size=1, B=8. When fewer than G entries are left, the epoch ends (the remainder is dropped) and the next
-epoch's permutation begins. The state is (epoch, pos) and nothing else, so resuming is exact and may even
-change dp_size as long as G stays the same.
+dp_size=1, B=8. An optimizer step takes `grad_accum` global micro-batches, S = G * grad_accum entries; when
+fewer than S entries are left at the start of a step, the epoch ends (the remainder is dropped) and the next
+epoch's permutation begins, so a step never spans two epochs. The state is (epoch, pos), counted in entries
+of the global order, and nothing else: resuming is exact under any layout (dp_size, micro_batch_size,
+grad_accum) with the same S, and a resume under another S goes on from the same entry (`step_batch_change`
+says it; the trainer reports and records it).
 
 Batches are dicts of LongTensors: `input_ids`, `labels` [B, seq_len], `index` [B] (the sequence number i,
 so token offsets are i*seq_len + 1 ... for labels; -1 for padding), and with `with_source=True`
@@ -65,7 +68,7 @@ class PackedLoader:
 
     def __init__(self, shards: ShardSet | str, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, with_source: bool = False, eval_only: bool = False,
-                 document_mask: bool = False):
+                 document_mask: bool = False, grad_accum: int = 1):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet(shards)
         if int(seq_len) < 1 or int(micro_batch_size) < 1:
             raise UserError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
@@ -78,22 +81,26 @@ class PackedLoader:
         self.with_source = bool(with_source)
         self.document_mask = bool(document_mask)
         self.global_batch_size = self.micro_batch_size * self.dp_size
+        self.grad_accum = max(1, int(grad_accum))
+        self.step_sequences = self.global_batch_size * self.grad_accum
         self.n_seq = max(0, (self.shards.num_tokens - 1) // self.seq_len)
-        if not eval_only and self.n_seq < self.global_batch_size:
-            need = self.global_batch_size * self.seq_len + 1
+        if not eval_only and self.n_seq < self.step_sequences:
+            need = self.step_sequences * self.seq_len + 1
             raise UserError(
                 f"shards {self.shards.path} hold {self.shards.num_tokens} tokens ({self.n_seq} sequences of "
-                f"{self.seq_len}), but one global micro-batch ({self.micro_batch_size} x {self.dp_size} ranks x "
-                f"seq_len {self.seq_len}) needs {need} tokens")
+                f"{self.seq_len}), but one optimizer step ({self.micro_batch_size} x {self.dp_size} ranks x "
+                f"{self.grad_accum} micro-steps x seq_len {self.seq_len}) needs {need} tokens")
         self.epoch = 0
         self.pos = 0
+        self._micro = 0  # global micro-batches drawn since the launch: a step starts every grad_accum of them
+        self.step_batch_change: tuple[int, int] | None = None  # (saved S, this S) after such a resume
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
 
     @property
     def steps_per_epoch(self) -> int:
-        """Global micro-batches per epoch."""
-        return self.n_seq // self.global_batch_size
+        """Optimizer steps per epoch."""
+        return self.n_seq // self.step_sequences
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
@@ -131,12 +138,13 @@ class PackedLoader:
     def next_batch(self) -> dict[str, torch.Tensor]:
         """This rank's part of the next global micro-batch (see the module docstring)."""
         G, B = self.global_batch_size, self.micro_batch_size
-        if self.n_seq < G:
+        if self.n_seq < self.step_sequences:
             raise UserError(f"shards {self.shards.path} hold {self.n_seq} sequences of {self.seq_len} tokens, "
-                            f"fewer than one global micro-batch ({G})")
-        if self.pos + G > self.n_seq:
+                            f"fewer than one optimizer step ({self.step_sequences})")
+        if self._micro % self.grad_accum == 0 and self.pos + self.step_sequences > self.n_seq:
             self.epoch += 1
             self.pos = 0
+        self._micro += 1
         perm = self._permutation(self.epoch)
         start = self.pos + self.dp_rank * B
         seqs = perm[start:start + B]
@@ -164,19 +172,20 @@ class PackedLoader:
     def state_dict(self) -> dict:
         """Position plus what it is only meaningful for (checked by `load_state_dict`)."""
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "num_tokens": self.shards.num_tokens,
+                "global_batch_size": self.global_batch_size, "step_sequences": self.step_sequences,
+                "num_tokens": self.shards.num_tokens,
                 "num_documents": self.shards.num_documents, "fingerprint": self.shards.fingerprint,
                 "shards": self.shards.path, "shard_hashes": self.shards.shard_hashes}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the saved loader stopped. Raises UserError if the state belongs to a
-        different seed / seq_len / global batch size / shard set."""
+        """Continue from the saved position. Raises UserError if the state belongs to another seed / seq_len /
+        shard set; another step batch is allowed (`step_batch_change`)."""
         if state.get("kind") == "mixture":
             raise UserError("cannot resume the data loader: the checkpoint was written for a mixture (data.train a "
                             f"list), this run reads one shard directory {self.shards.path}")
         mine = self.state_dict()
         diffs = []
-        for key in ("seed", "seq_len", "global_batch_size", "num_tokens", "num_documents", "fingerprint"):
+        for key in ("seed", "seq_len", "num_tokens", "num_documents", "fingerprint"):
             if key not in state:
                 raise UserError(f"loader state has no {key!r}; not a PackedLoader state")
             if state[key] != mine[key]:
@@ -192,3 +201,14 @@ class PackedLoader:
         if epoch < 0 or not 0 <= pos <= self.n_seq:
             raise UserError(f"loader state has an invalid position (epoch {epoch}, pos {pos}, n_seq {self.n_seq})")
         self.epoch, self.pos = epoch, pos
+        self.step_batch_change = saved_step_batch(state, self.step_sequences, self.global_batch_size)
+
+
+def saved_step_batch(state: dict, step_sequences: int, global_batch: int) -> tuple[int, int] | None:
+    """(the saved state's sequences per optimizer step, this one's) when they differ, else None. A state saved
+    before megaslm recorded the step's sequences only has its global micro-batch: that is compared instead."""
+    if "step_sequences" in state:
+        then, now = int(state["step_sequences"]), step_sequences
+    else:
+        then, now = int(state.get("global_batch_size", global_batch)), global_batch
+    return None if then == now else (then, now)

@@ -15,8 +15,9 @@ sequences). Each `next_batch()` takes the next G = micro_batch_size * dp_size sl
 Batches are the loader's dict (`input_ids`, `labels`, `index` = the sequence number within its component,
 `position_ids` with document masking) plus `component` [B] and `source` [B, T]: the component index of every
 token, or with `track_sources` a flat index over (component, input file) pairs; `source_names` names them
-("web" or "web/0", "web/1", ...). The state is the slot count, per-component counts and (epoch, pos): resuming
-is exact.
+("web" or "web/0", "web/1", ...). The state is the slot count, per-component counts and (epoch, pos), all
+counted in slots of the global stream: resuming is exact under any layout, and another step batch (micro_batch_size
+x dp_size x grad_accum) goes on from the same slot (`step_batch_change`, as the loader's).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megaslm.data.loader import PackedLoader
+from megaslm.data.loader import PackedLoader, saved_step_batch
 from megaslm.data.shards import ShardSet
 from megaslm.errors import UserError
 
@@ -40,7 +41,8 @@ class Component:
 
 class MixtureLoader:
     def __init__(self, components: list[Component], seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, track_sources: bool = False, document_mask: bool = False):
+                 dp_size: int = 1, seed: int = 0, track_sources: bool = False, document_mask: bool = False,
+                 grad_accum: int = 1):
         if not components:
             raise UserError("a mixture needs at least one component")
         if not 0 <= int(dp_rank) < int(dp_size):
@@ -53,6 +55,8 @@ class MixtureLoader:
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
         self.dp_rank, self.dp_size, self.seed = int(dp_rank), int(dp_size), int(seed)
         self.global_batch_size = self.micro_batch_size * self.dp_size
+        self.step_sequences = self.global_batch_size * max(1, int(grad_accum))
+        self.step_batch_change: tuple[int, int] | None = None
         self.track_sources = bool(track_sources)
         self.loaders = [PackedLoader(c.shards, seq_len, 1, eval_only=True, with_source=track_sources,
                                      document_mask=document_mask) for c in components]
@@ -120,7 +124,8 @@ class MixtureLoader:
 
     def state_dict(self) -> dict:
         return {"kind": "mixture", "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "slots": self.slots,
+                "global_batch_size": self.global_batch_size, "step_sequences": self.step_sequences,
+                "slots": self.slots,
                 "components": [{"name": c.name, "weight": w, "drawn": d, "epoch": e, "pos": p,
                                 "num_tokens": c.shards.num_tokens, "num_documents": c.shards.num_documents,
                                 "fingerprint": c.shards.fingerprint, "shards": c.shards.path,
@@ -135,7 +140,7 @@ class MixtureLoader:
                             "(data.train), this run reads a mixture")
         mine = self.state_dict()
         diffs = [f"{k} {state.get(k)} in the saved state vs {mine[k]} now"
-                 for k in ("seed", "seq_len", "global_batch_size") if state.get(k) != mine[k]]
+                 for k in ("seed", "seq_len") if state.get(k) != mine[k]]
         saved = [(c["name"], c["weight"], c["num_tokens"], c["num_documents"], c["fingerprint"])
                  for c in state.get("components", [])]
         now = [(c["name"], c["weight"], c["num_tokens"], c["num_documents"], c["fingerprint"])
@@ -152,3 +157,4 @@ class MixtureLoader:
         self.slots = int(state["slots"])
         for i, c in enumerate(state["components"]):
             self.drawn[i], self.epochs[i], self.pos[i] = int(c["drawn"]), int(c["epoch"]), int(c["pos"])
+        self.step_batch_change = saved_step_batch(state, self.step_sequences, self.global_batch_size)

@@ -69,17 +69,6 @@ def check_model_config(hf_config, tp_size: int, what: str = "model") -> None:
                         f"(num_key_value_heads={kv}, num_attention_heads={heads}): every rank needs whole heads")
 
 
-def check_resume(run_dir: Path, has_checkpoint: bool, tp_size: int) -> None:
-    """A run resumes only with the tensor-parallel size its checkpoints were written with (per-rank shards)."""
-    info = Path(run_dir) / "run_info.json"
-    if not has_checkpoint or not info.is_file():
-        return
-    before = int(json.loads(info.read_text()).get("tp_size", 1))
-    if before != tp_size:
-        raise UserError(f"parallel.tensor={tp_size}, but the checkpoints in {run_dir} were written with "
-                        f"parallel.tensor={before}: resume with parallel.tensor={before} (or use a new run.dir)")
-
-
 def init_groups(tp_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(tensor-parallel group, data-parallel group) of this rank, created by DeepSpeed and checked here.
 

@@ -112,10 +112,11 @@ def make_loader(cfg: Config, shards: ShardSet | list[Component], groups: Paralle
     if isinstance(shards, list):
         return MixtureLoader(shards, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank=groups.dp_rank,
                              dp_size=groups.dp_size, seed=cfg.train.seed, track_sources=d.track_sources,
-                             document_mask=d.document_mask)
+                             document_mask=d.document_mask, grad_accum=cfg.train.grad_accum)
     return PackedLoader(shards, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank=groups.dp_rank,
                         dp_size=groups.dp_size, seed=cfg.train.seed if train else 0,
-                        with_source=train and d.track_sources, eval_only=not train, document_mask=d.document_mask)
+                        with_source=train and d.track_sources, eval_only=not train, document_mask=d.document_mask,
+                        grad_accum=cfg.train.grad_accum if train else 1)
 
 
 @dataclass

@@ -24,24 +24,22 @@ this config, and the two ways on (`train.resume_from=none`, or a new `run.dir`).
 from __future__ import annotations
 
 import os
-import pickle
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megaslm.atomic import write_text
 from megaslm.config import CHECKPOINT_TAG_RE
 from megaslm.errors import UserError
-from megaslm.train import manifest
+from megaslm.train import manifest, reshard
 from megaslm.train.config_change import group_layout_change, model_mismatch, other_config_message
 from megaslm.faults import maybe_fail, maybe_fail_write
 from megaslm.lease import lost_message, still_holding
 from megaslm.train.halt import halt
+from megaslm.train.rng import load_rng, rng_for_rank, rng_state, set_rng_state
 
 POINTER = "latest_complete"
 FENCED = "the lease of this launch was taken over"  # a save's outcome on rank 0 after a lost lease
@@ -64,40 +62,6 @@ def latest_tag(ckpt_root: Path) -> str | None:
     return tag if tag and (Path(ckpt_root) / tag).is_dir() else None
 
 
-def rng_state() -> dict:
-    """This process's RNG states as tensors and numbers only: the file loads with torch.load(weights_only=True),
-    so a run directory's rng files cannot carry code (a pickle would run it as the user who resumes)."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"format": 2, "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
-                                    "gauss": gauss},
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    py, npy = s["python"], s["numpy"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached"]))
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def load_rng(rng_file: Path) -> bool:
-    """Restore this rank's RNG states from `rng_file` with weights_only=True; False (nothing restored) for a
-    file of the earlier pickled format, which is not unpickled."""
-    try:
-        state = torch.load(rng_file, weights_only=True)
-    except pickle.UnpicklingError:
-        return False
-    set_rng_state(state)
-    return True
-
-
 # ---------------------------------------------------------------------------------------------------- saving
 def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int) -> str:
     """Write and commit checkpoint `step` on every rank; on a failed write, stop every rank (RunHalted)."""
@@ -110,7 +74,8 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int) -> s
         maybe_fail("crash_in_save", step)
         error = _agree(local)
     if error is None:
-        error = _agree((_fence() or _commit(ckpt_root, tag, step, keep)) if rank == 0 else None)
+        layout = reshard.engine_layout(engine).to_dict()
+        error = _agree((_fence() or _commit(ckpt_root, tag, step, keep, layout)) if rank == 0 else None)
     if error is not None and FENCED in error:  # the run directory is another launch's now: touch nothing
         halt(lost_message(f" (saving {tag})"), rank)
     if error is not None:
@@ -197,10 +162,10 @@ def _write_files(engine, ckpt_root: Path, tag: str, step: int, client_state: dic
     return rec.error
 
 
-def _commit(ckpt_root: Path, tag: str, step: int, keep: int) -> str | None:
+def _commit(ckpt_root: Path, tag: str, step: int, keep: int, layout: dict) -> str | None:
     """Rank 0, once every rank's files are written: manifest, then pointer, then pruning."""
     try:
-        manifest.write_manifest(ckpt_root / tag, step, dist.get_world_size())
+        manifest.write_manifest(ckpt_root / tag, step, dist.get_world_size(), layout)
         write_text(ckpt_root / POINTER, tag)
     except OSError as e:
         return write_error(e, ckpt_root / tag)
@@ -298,7 +263,7 @@ def resume(engine, ckpt_root: Path, resume_from: str, say, config: dict | None =
             say(f"megaslm: checkpoint {tag} has no manifest (written before megaslm recorded them): "
                 f"loading it without verification")
         if problem is None:
-            state, problem, other_config = _try_load(engine, ckpt_root, tag, config)
+            state, problem, other_config = _try_load(engine, ckpt_root, tag, config, say)
             if other_config:
                 raise UserError(other_config_message(ckpt_root, tag, problem, config))
             if problem is None:
@@ -325,11 +290,14 @@ def _forget(ckpt_root: Path, say) -> None:
         (ckpt_root / POINTER).unlink(missing_ok=True)
 
 
-def _try_load(engine, ckpt_root: Path, tag: str, config: dict | None = None) -> tuple[dict | None, str | None, bool]:
+def _try_load(engine, ckpt_root: Path, tag: str, config: dict | None,
+              say) -> tuple[dict | None, str | None, bool]:
     """(client state, problem, whether the problem is another configuration's model rather than damage)."""
     outcome = None
     try:
-        state = _load(engine, ckpt_root, tag)
+        state = _load(engine, ckpt_root, tag, config, say)
+    except UserError:  # a layout DeepSpeed cannot convert to: the same on every rank, and no damage
+        raise
     except Exception as e:  # noqa: BLE001 - any failure inside DeepSpeed's load is reported the same way
         state = None
         damage = manifest.diagnose(ckpt_root / tag)
@@ -339,17 +307,64 @@ def _try_load(engine, ckpt_root: Path, tag: str, config: dict | None = None) -> 
     return (state, None, False) if agreed is None else (None, *agreed)
 
 
-def _load(engine, ckpt_root: Path, tag: str) -> dict:
-    _, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-    if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
-    rng_file = ckpt_root / tag / f"rng_rank{dist.get_rank():05d}.pt"
-    if rng_file.exists() and not load_rng(rng_file) and dist.get_rank() == 0:
-        print(f"megaslm: {rng_file} is of the earlier pickled format: not loaded (megaslm loads no pickles from a "
-              f"run directory); the random streams continue from this launch's seed", flush=True)
+def _load(engine, ckpt_root: Path, tag: str, config: dict | None, say) -> dict:
+    tag_dir = ckpt_root / tag
+    now = reshard.engine_layout(engine)
+    then = reshard.saved_layout(tag_dir, manifest.saved_layout(tag_dir))
+    if then is not None and reshard.differs(then, now):
+        reshard.check_supported(tag_dir, then, now)
+        client_state = _load_universal(engine, tag_dir, then, now, say)
+        seed = int(((config or {}).get("train") or {}).get("seed", 0))
+        set_rng_state(rng_for_rank(seed, int(client_state["step"]), dist.get_rank()))
+    else:
+        _, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        rng_file = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
+        if rng_file.exists() and not load_rng(rng_file) and dist.get_rank() == 0:
+            print(f"megaslm: {rng_file} is of the earlier pickled format: not loaded (megaslm loads no pickles "
+                  f"from a run directory); the random streams continue from this launch's seed", flush=True)
     client_state["tag"] = tag
     return client_state
+
+
+def _load_universal(engine, tag_dir: Path, then: reshard.Layout, now: reshard.Layout, say) -> dict:
+    """Load `tag_dir` written by another layout: rank 0 converts it to DeepSpeed's universal format once (the
+    other ranks wait in the agreement), then every rank loads that with `load_universal` on."""
+    done = None
+    if dist.get_rank() == 0:
+        out, problem, seconds = (None, FENCED, 0.0) if _fence() else reshard.convert(tag_dir, then)
+        done = problem or (f"converted once into {out} in {seconds:.1f} s" if seconds else f"converted before, "
+                                                                                               f"in {out}")
+    note = _agree(done if dist.get_rank() == 0 else None, name_rank=False)
+    if note == FENCED:
+        halt(lost_message(f" (converting {tag_dir.name})"), dist.get_rank())
+    if not note.startswith("converted"):
+        raise RuntimeError(note)
+    say(f"megaslm: checkpoint {tag_dir.name} was written by {then}; this launch has {now}: loading it as "
+        f"DeepSpeed's universal checkpoint ({note}); the per-rank random streams are re-derived from train.seed, "
+        f"the step and the rank (docs/resilience.md)")
+    engine._config.load_universal_checkpoint = True  # read on every call; on only for this load
+    try:
+        _, client_state = engine.load_checkpoint(str(tag_dir), tag=reshard.UNIVERSAL, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    _unshare_adam_steps(engine.optimizer)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag_dir / reshard.UNIVERSAL}")
+    return client_state
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """DeepSpeed's ZeRO-3 universal load gives every parameter group's state one and the same `step` tensor;
+    torch's Adam increments it in place once per group, so with two groups (decay, no decay) the bias
+    correction would count two steps per step. Each state gets its own copy."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in getattr(inner, "state", {}).values():
+        if isinstance(state, dict) and torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _settle(ckpt_root: Path, tag: str, tags: list[str], say) -> None:

@@ -148,10 +148,11 @@ def apply_optimizer_settings(engine, scheduler, train) -> None:
     the saved ones with the state: the param groups' lr/betas/weight decay, ZeRO's clip value, and the
     scheduler's base lr (LambdaLR saves base_lrs; its lambda, built from this config, is not saved)."""
     opt = engine.optimizer
-    for group in opt.param_groups:
+    for i, group in enumerate(opt.param_groups):
         group["betas"] = (train.beta1, train.beta2)
-        if group.get("weight_decay"):  # the decayed group (the other one is 0 by design)
-            group["weight_decay"] = train.weight_decay
+        # build.param_groups: the decayed matrices first, then norms and biases at 0. By position, not by the
+        # loaded value: DeepSpeed's ZeRO-3 universal load gives every group the first group's hyperparameters.
+        group["weight_decay"] = train.weight_decay if i == 0 else 0.0
         group["initial_lr"] = train.lr
     if hasattr(opt, "clip_grad"):
         opt.clip_grad = train.grad_clip

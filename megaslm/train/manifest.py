@@ -57,7 +57,7 @@ def files_present(tag_dir: Path) -> bool:
     return all((Path(tag_dir) / name).exists() for name in listed)
 
 
-def write_manifest(tag_dir: Path, step: int, world_size: int) -> dict:
+def write_manifest(tag_dir: Path, step: int, world_size: int, layout: dict | None = None) -> dict:
     """Record the files of a finished checkpoint (rank 0, after every rank wrote its files)."""
     tag_dir = Path(tag_dir)
     files = {}
@@ -68,10 +68,17 @@ def write_manifest(tag_dir: Path, step: int, world_size: int) -> dict:
         if size <= CHECKSUM_MAX_BYTES:
             entry["crc32"] = crc32_of(p)
         files[str(p.relative_to(tag_dir))] = entry
-    manifest = {"format": FORMAT, "tag": tag_dir.name, "step": step, "world_size": world_size, "files": files,
+    manifest = {"format": FORMAT, "tag": tag_dir.name, "step": step, "world_size": world_size, "layout": layout,
+                "files": files,
                 "written_by": {"pid": os.getpid(), "host": socket.gethostname()}}  # which launch (rank 0)
     write_json(tag_dir / MANIFEST, manifest)
     return manifest
+
+
+def saved_layout(tag_dir: Path) -> dict | None:
+    """The layout (dp, tp, zero_stage) the manifest records; None for a checkpoint without one."""
+    m, _ = _read_manifest(tag_dir) if has_manifest(tag_dir) else (None, None)
+    return (m or {}).get("layout")
 
 
 def has_manifest(tag_dir: Path) -> bool:

@@ -11,6 +11,8 @@ Re-running the same command resumes from the latest complete checkpoint in the r
 
 from __future__ import annotations
 
+import json
+
 import sys
 import time
 from pathlib import Path
@@ -75,7 +77,6 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir).resolve()
         self.ckpt_root = self.run_dir / "checkpoints"
         resuming = bool(checkpoint.candidates(self.ckpt_root, cfg.train.resume_from))
-        tp.check_resume(self.run_dir, resuming, cfg.parallel.tensor)
         # Before any engine: a changed model shape, tokenizer, data, seq_len or seed is refused in one line.
         changes = config_change.check_resume_config(self.run_dir, cfg.to_dict()) if resuming else []
         dist.barrier()  # checkpoints/ is made by the first save: a launch refused before it leaves none behind
@@ -122,6 +123,7 @@ class Trainer:
         self.resumed_from = state["tag"] if state else None
 
         self.run_info = run_info(cfg, self.world, g, self.dtype, self.model, self.data, self.reference)
+        self.run_info["step_batch_changes"] = self._step_batch_changes(state is not None)
         if checkpoint.agree_fenced():  # taken over while this launch was starting: write nothing
             halt(lost_message(" (while starting)"), self.rank)
         if self.is_main:
@@ -129,6 +131,21 @@ class Trainer:
         self.monitor = Monitor(str(self.run_dir), cfg, self.is_main, self.step,
                                {**cfg.to_dict(), "run_info": self.run_info})
         self.speed = Throughput(cfg, self.summary, self.world, g.dp_size, self.reference)
+
+    def _step_batch_changes(self, resumed: bool) -> list[dict]:
+        """run_info's record of the steps at which the optimizer step's batch changed (earlier launches' too);
+        a change made by this resume is said in one line."""
+        before = []
+        info = self.run_dir / "run_info.json"
+        if resumed and info.is_file():
+            before = [c for c in json.loads(info.read_text()).get("step_batch_changes", []) if c["step"] <= self.step]
+        change = self.loader.step_batch_change if resumed else None
+        if change:
+            self._say(f"megaslm: the optimizer step's batch changes from {change[0]} to {change[1]} sequences "
+                      f"(micro_batch_size x data-parallel ranks x grad_accum) from step {self.step + 1}; the data "
+                      f"order goes on from the same sequence")
+            before.append({"step": self.step + 1, "from": change[0], "to": change[1]})
+        return before
 
     # ------------------------------------------------------------------ one optimizer step
     def _objective_now(self) -> tuple[Objective, float]:

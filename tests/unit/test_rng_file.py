@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from megaslm.train.checkpoint import load_rng, rng_state
+from megaslm.train.rng import load_rng, rng_state
 
 
 def draws():
