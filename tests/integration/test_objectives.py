@@ -121,13 +121,17 @@ def test_soft_weighting_is_exact_across_data_parallel_ranks(tmp_path, tiny_data,
 
 
 # ---------------------------------------------------------------------------------------------- EMA
-def test_ema_reference_resumes_exactly_after_a_crash(tmp_path, tiny_data):
+def test_ema_reference_resumes_exactly_after_a_crash_on_another_world_size(tmp_path, tiny_data):
+    """1 rank x micro-batch 4 crashes after step 3; the resume from step 2 runs on 2 ranks x 2 (the same
+    optimizer-step batch, through DeepSpeed's universal checkpoint) and continues the same average."""
     ema = {"reference": {"ema_decay": 0.5}, "train": {"steps": 4, "save_every": 2}}
     whole = train(tmp_path, "whole", config(tmp_path / "whole", tiny_data, **ema))
     cfg = config(tmp_path / "crashed", tiny_data, **ema)
     res = train(tmp_path, "crashed", cfg, env={"MEGASLM_FAULT": "crash_after_step:3"}, check=False)
     assert res.returncode != 0 and "injected fault" in res.stderr
-    train(tmp_path, "crashed", cfg)
+    res = train(tmp_path, "crashed2", config(tmp_path / "crashed", tiny_data, mb=2, **ema), nproc=2, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "written by 1 data-parallel rank, ZeRO-2; this launch has 2 data-parallel ranks" in res.stdout
     resumed = [r for r in read_metrics(tmp_path / "crashed") if r["step"] >= 3][-2:]
     assert [r["step"] for r in resumed] == [3, 4]
     same(resumed, whole[2:], ("loss", "ref_loss", "threshold", "n_selected", "grad_norm"), rel=1e-6)

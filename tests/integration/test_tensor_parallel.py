@@ -8,6 +8,7 @@ sequences: (DP=2, TP=1) x micro-batch 4, (DP=1, TP=2) x 8, (DP=2, TP=2) x 4.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -191,10 +192,16 @@ def test_tp2_trains_like_dp2(tmp_path, odd_data, baseline):
     assert [len(tp.tp_rank_files(tag, r)) for r in range(2)] == [2, 2]  # model + optimizer states per TP rank
 
     assert_same_weights(exported_weights(run, tmp_path / "hf"), baseline["weights"])
-    # Its per-rank checkpoints only resume with the same tensor-parallel size.
-    with pytest.raises(UserError, match=r"parallel.tensor=1, but the checkpoints .* with parallel.tensor=2"):
-        tp.check_resume(run, True, 1)
-    tp.check_resume(run, True, 2)
+    # Its step-2 checkpoint resumes in one process without tensor parallelism (DeepSpeed's universal checkpoint)
+    # and finishes like the (DP=2, TP=1) run.
+    cut = tmp_path / "tp1"
+    shutil.copytree(run, cut, ignore=shutil.ignore_patterns("lease.json"))
+    cfg = tp_config(cut, odd_data, 8, 1)
+    cfg["train"]["resume_from"] = "step_00000002"
+    res = run_cli("train", str(write_config(tmp_path / "tp1.yaml", cfg)), check=True)
+    assert "tensor-parallel 2, ZeRO-2; this launch has 1 data-parallel rank, ZeRO-2: loading it as" in res.stdout
+    assert_same_run(read_metrics(cut), baseline["metrics"])
+    assert not (cut / tp.LAYOUT_FILE).exists()  # export reads this run as unsplit now
 
 
 @pytest.mark.slow
