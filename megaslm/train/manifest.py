@@ -3,7 +3,7 @@
 `checkpoints/TAG/manifest.json` is written by rank 0 after every rank has written its files and before
 `latest_complete` names TAG:
 
-    {"format": 1, "tag": "step_00000006", "step": 6, "world_size": 2,
+    {"format": 1, "tag": "step_00000006", "step": 6, "world_size": 2, "layout": {"dp": 2, "tp": 1, "zero_stage": 2},
      "files": {"mp_rank_00_model_states.pt": {"size": 52341, "crc32": "0a1b2c3d"}, ...},
      "written_by": {"pid": 4242, "host": "gpu7"}}   # rank 0 of the launch that committed it
 

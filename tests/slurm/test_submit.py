@@ -413,8 +413,8 @@ def _saved_steps(log: str) -> list[int]:
 
 
 def test_preempt_requeue_resume(slurm_cluster, workdir, uninterrupted):
-    """USR1 -> checkpoint + requeue -> resume; SIGTERM at the requeue cap -> checkpoint, no requeue; the written
-    script re-submitted by hand resumes and finishes. Every step runs once; every loss equals the plain run's."""
+    """USR1 -> checkpoint + requeue -> resume; SIGTERM at the requeue cap -> checkpoint, no requeue; submitted
+    again on one node of the two, it resumes and finishes. Every step runs once; every loss equals the plain run's."""
     c = slurm_cluster
     run_dir = workdir / "runs" / "preempt"
     job_id = _submit(c, workdir, "runs/preempt", "--max-requeues", "1")
@@ -445,14 +445,15 @@ def test_preempt_requeue_resume(slurm_cluster, workdir, uninterrupted):
     assert first + 3 <= second < STEPS
     assert (run_dir / "checkpoints" / "latest_complete").read_text().strip() == f"step_{second:08d}"
 
-    # 3. Re-submit the written script by hand, from another directory: it resumes and finishes.
-    res = _sh(["sbatch", "--parsable", str(run_dir / submit.SCRIPT_NAME)], _job_env(c), cwd="/")
-    assert res.returncode == 0, res.stderr
-    job2 = res.stdout.strip().split(";")[0]
+    # 3. Only one node is free now: `megaslm submit --nodes 1`, the step's batch kept with grad_accum 2. It
+    #    resumes the 2-node checkpoint through DeepSpeed's universal checkpoint and finishes.
+    job2 = _submit(c, workdir, "runs/preempt", "--nodes", "1", "--set", "train.grad_accum=2")
     job = _wait_done(c, run_dir, job2)
     log2 = _log(run_dir, job2)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log2
+    assert "was written by 2 data-parallel ranks, ZeRO-2; this launch has 1 data-parallel rank" in log2, log2
     assert f"resumed from step_{second:08d}: step {second}/{STEPS}" in log2
+    assert json.loads((run_dir / "run_info.json").read_text())["slurm"]["slurm_nnodes"] == "1"
 
     # No step lost or repeated, and the same losses (same data, same updates) as the uninterrupted run.
     assert _steps_logged(run_dir) == list(range(1, STEPS + 1))
