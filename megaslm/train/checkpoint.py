@@ -340,8 +340,10 @@ def _load_universal(engine, tag_dir: Path, then: reshard.Layout, now: reshard.La
     note = _agree(done if dist.get_rank() == 0 else None, name_rank=False)
     if note == FENCED:
         halt(lost_message(f" (converting {tag_dir.name})"), dist.get_rank())
-    if not note.startswith("converted"):
-        raise RuntimeError(note)
+    if not note.startswith("converted"):  # not damage: the same would happen to every tag of this layout
+        raise UserError(f"checkpoint {tag_dir.name} was written by {then}; this launch has {now}, and {note}. "
+                        f"Resume with the layout it was written with, or start over (train.resume_from=none) or in "
+                        f"a new run.dir")
     say(f"megaslm: checkpoint {tag_dir.name} was written by {then}; this launch has {now}: loading it as "
         f"DeepSpeed's universal checkpoint ({note}); the per-rank random streams are re-derived from train.seed, "
         f"the step and the rank (docs/resilience.md)")

@@ -121,7 +121,8 @@ def convert(tag_dir: Path, source: Layout) -> tuple[Path | None, str | None, flo
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        lines = [x for x in (res.stderr + res.stdout).splitlines() if x.strip()]
+        lines = [x for x in res.stderr.splitlines() if x.strip()] or \
+            [x for x in res.stdout.splitlines() if x.strip()]  # the exception's own line comes last on stderr
         return None, f"DeepSpeed's ds_to_universal failed on {tag_dir}: {lines[-1] if lines else res.returncode}", \
             time.time() - t0
     _alias_model_states(out, source)
