@@ -161,6 +161,7 @@ def build_model(cfg: Config, data: Data, groups: ParallelGroups, ds_base: dict, 
 
 def write_run_files(run_dir: Path, cfg: Config, run_info: dict, model: Model) -> None:
     """Rank 0: the resolved config, run_info.json, the DeepSpeed config, the TP layout and the HF config."""
+    run_dir.mkdir(parents=True, exist_ok=True)  # made by the lease under `megaslm train`; not by a Trainer alone
     dump_config(cfg, run_dir / "config.yaml")
     write_json(run_dir / "run_info.json", run_info)
     write_json(run_dir / "ds_config.json", model.ds_config)

@@ -77,6 +77,17 @@ def launch(cfg_path, nproc=2):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def _one_error(res, cfg) -> str:
+    """The one error line of a refused 2-rank launch; no traceback; the launcher's closing line."""
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
+    assert len(set(errors)) == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
+    assert re.fullmatch(rf"megaslm: `megaslm train {re.escape(str(cfg))}` stopped: rank [01] ended with exit code 2 "
+                        r"\(its output above says why\)", res.stderr.splitlines()[-1]), res.stderr[-500:]
+    return errors[0]
+
+
 def test_resuming_another_configs_checkpoint_is_one_line_and_no_traceback(tmp_path, shared_run, tiny_data):
     import shutil
 
@@ -88,17 +99,17 @@ def test_resuming_another_configs_checkpoint_is_one_line_and_no_traceback(tmp_pa
     cfg = write_config(tmp_path / "other.yaml", config(mine, tiny_data, tok="tok_other", train="valid_other",
                                                        seq_len=16))
     res = launch(cfg)
-    assert res.returncode == 2, res.stderr[-3000:]
-    errors = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
-    assert len(set(errors)) == 1, res.stderr[-3000:]
-    e = errors[0]
+    e = _one_error(res, cfg)
+    # The saved config.yaml says what changed before any engine is built.
+    assert f"error: cannot resume {mine} under another data.tokenizer/data.train/train.seq_len: " in e
+    assert "train.seq_len 32 -> 16" in e and "these fix what its checkpoints mean" in e
+    assert "train.resume_from=none" in e and "run.dir" in e
+    # A run directory without its config.yaml (written by an older megaslm): the checkpoint's own tensors say it.
+    (mine / "config.yaml").rename(tmp_path / "saved_config.yaml")
+    e = _one_error(launch(cfg), cfg)
     assert f"error: checkpoint step_00000008 in {mine / 'checkpoints'} belongs to another configuration" in e
     assert "not damaged" in e and "vocabulary 512 there, 600 here" in e and "Restore" not in e
-    assert f"configured in {mine / 'config.yaml'}" in e and "train.seq_len 32 -> 16" in e
     assert "train.resume_from=none" in e and "run.dir" in e
-    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
-    assert re.fullmatch(rf"megaslm: `megaslm train {re.escape(str(cfg))}` stopped: rank [01] ended with exit code 2 "
-                        r"\(its output above says why\)", res.stderr.splitlines()[-1]), res.stderr[-500:]
     # Nothing was touched, and the two ways on work: resume_from=none starts over here.
     assert sorted(str(p.relative_to(mine)) for p in (mine / "checkpoints").rglob("*")) == before
     over = write_config(tmp_path / "over.yaml", config(mine, tiny_data, tok="tok_other", train="valid_other",
