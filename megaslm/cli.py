@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from megaslm.accelerator import set_accelerator
 from megaslm.errors import UserError
 
 
@@ -184,26 +185,15 @@ def _add_analyze(sub) -> None:
     ad.set_defaults(func=cmd_analyze_dynamics)
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def set_accelerator() -> None:
-    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
-        os.environ["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed warns on every import that it found no GPU
-
-
 def _command(argv: list[str] | None) -> str | None:
-    """The subcommand named on the command line (None if none or unclear): the parser then imports only its own
-    module, so that `megaslm train` reaches its lease check without loading the model code of `score` and `plan`."""
+    """The subcommand named on the command line ("" if none, as for `megaslm --help`; None: build the whole
+    parser): the parser then imports only its own module, so that `megaslm train` reaches its lease check, and
+    `megaslm --help` its answer, without loading the model code of `score` and `plan`."""
     if argv is None:  # a caller that builds the whole parser
         return None
-    words = [x for x in argv if not x.startswith("-")]
     known = ("tokenizer", "prepare", "train", "export", "submit", "score", "analyze", "report", "plan", "demo",
-             "recipe", "contamination")
-    return words[0] if words and words[0] in known else None
+             "eval", "recipe", "contamination")
+    return next((x for x in argv if x in known), "")  # the first, past options such as `--local_rank 0`
 
 
 def _add_data_and_train(sub) -> None:
@@ -238,7 +228,7 @@ def _add_data_and_train(sub) -> None:
     tr.add_argument("--force", action="store_true",
                     help="take the run directory's lease even if a live run seems to hold it (see docs/resilience.md)")
     tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    tr.set_defaults(func=cmd_train)
+    tr.set_defaults(func=cmd_train, sets_accelerator=True)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -311,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
-        if args.func is not cmd_train:  # train does it after its lease check (importing torch takes seconds)
+        if not getattr(args, "sets_accelerator", False):  # train and eval: after their refusals (torch takes seconds)
             set_accelerator()
         return args.func(args)
     except UserError as e:

@@ -103,9 +103,6 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
 
-COMBINES = ("mean", "min")
-
-
 @dataclass
 class SLMConfig:
     ratio: float = 0.6  # keep this fraction of labelled tokens (paper: 0.6 at 1.1B, 0.7 at 7B)
@@ -212,8 +209,7 @@ def validate(cfg: Config, src: str = "config") -> Config:
         raise bad("train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
     if cfg.data.valid_sequences < 1:
         raise bad("data.valid_sequences", f"must be >= 1, got {cfg.data.valid_sequences}")
-    from megaslm.loss.objective import OBJECTIVES
-    from megaslm.loss.selection import SCOPES
+    from megaslm.loss.choices import OBJECTIVES, SCOPES
 
     if cfg.objective not in OBJECTIVES:
         raise bad("objective", f"must be {_choice(OBJECTIVES)}, got {cfg.objective!r}")
@@ -258,9 +254,10 @@ def reference_paths(cfg: Config) -> list[str]:
 
 
 def _validate_slm(cfg: Config, bad) -> None:
-    from megaslm.loss.rules import SCORES, WEIGHTINGS  # the registries of the objective components
-
-    from megaslm.reference.sources import SOURCES  # the reference sources, each checking the fields it owns
+    # The registries of the objective components and the reference sources, each checking the fields it owns;
+    # torch-free, so that a bad config is refused before torch loads (tests/unit/test_lazy_imports.py).
+    from megaslm.loss.rules import SCORES, WEIGHTINGS
+    from megaslm.reference.sources import SOURCES
 
     s = cfg.slm
     for source in SOURCES.values():

@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from megaslm.errors import UserError
 
 WORD = re.compile(r"\w+")
@@ -81,6 +79,8 @@ def example_index(examples: dict[str, list[str]], n: int) -> tuple[dict, dict]:
 
 def shard_texts(path: str, tokenizer: str | None = None):
     """(document number, text) of every document of a shard set, decoded."""
+    import numpy as np
+
     from megaslm.data.shards import ShardSet
     from megaslm.data.tokenizer import load_tokenizer
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from megaslm.accelerator import set_accelerator
 from megaslm.errors import UserError
 from megaslm.eval.tasks import load_tasks, output_types, parse_tasks
 
@@ -108,6 +109,7 @@ def evaluate_model(spec: str, tasks: str | list[str], *, limit: int | None = Non
     names = parse_tasks(tasks)
     t0 = time.time()
     loaded = load_tasks(names, include_path, num_fewshot)  # before the model: a bad task fails fast
+    set_accelerator()  # not before: it imports torch
     lm, tokenizer, run_dir, used_tag = load_model(spec, tag)
     # a line as soon as the input is known good (a bad one gets its error line alone): building the requests
     # takes a while before the scoring's own progress lines start
@@ -154,5 +156,5 @@ def add_parser(sub) -> None:
                     help="a directory or YAML file of your own lm-eval tasks (repeatable)")
     ev.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                     help="padded tokens per forward (default %(default)s)")
-    ev.set_defaults(func=main)
+    ev.set_defaults(func=main, sets_accelerator=True)  # evaluate_model: once the tasks are found
 

@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 
 from . import rules
+from .choices import OBJECTIVES, SCOPES
 from .metrics import Metrics, objective_metrics
-from .selection import SCOPES, check_ratio, resolve_group
+from .selection import check_ratio, resolve_group
 from .weights import SCORE_QUANTILES, Score, Weighting, Weights
 
-OBJECTIVES = ("clm", "slm")
 __all__ = ["OBJECTIVES", "SCORE_QUANTILES", "Objective", "StepNorm", "plan_step", "compute_objective",
            "slm_ratio"]
 

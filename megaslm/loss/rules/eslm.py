@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from fractions import Fraction
 
 from megaslm.loss.rules.rho1 import thresholds, top_k
@@ -39,6 +37,9 @@ class CVaR(Weighting):
     name = "cvar"
 
     def weights(self, score, valid, ratio, scope, group) -> Weights:
+        import torch
+        import torch.distributed as dist
+
         w = top_k(score, valid, ratio, scope, group)
         sel = w.selected
         t = thresholds(score, sel, scope, w.threshold)

@@ -12,18 +12,20 @@ Scores: excess = token_loss - ref_loss (Rho-1); loss = the trained model's own t
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
-from megaslm.loss.metrics import present
-from megaslm.loss.selection import keep_count, select_on_device
 from megaslm.loss.weights import (SCORE_QUANTILES, Score, Weighting, Weights, register_score,
                                   register_weighting)
+
+if TYPE_CHECKING:
+    import torch
 
 
 def top_k(score, valid, ratio, scope, group) -> Weights:
     """The top-k mask as 0/1 weights, with its threshold and the score quantiles (shared by the weightings); all
     on the device."""
+    from megaslm.loss.selection import select_on_device
+
     sel = select_on_device(score, valid, ratio, scope, SCORE_QUANTILES, group)
     return Weights(sel.mask.float(), sel.mask, sel.threshold, sel.quantiles, sel.n_nan)
 
@@ -32,6 +34,8 @@ def thresholds(score: torch.Tensor, mask: torch.Tensor, scope: str, threshold: t
     """The threshold each token is compared with: one value for "global", per row / per rank otherwise."""
     if scope == "global":
         return threshold
+    import torch
+
     s = torch.where(mask, score.detach().float(), math.inf)
     t = s.amin(dim=1, keepdim=True) if scope == "sequence" else s.amin()
     return torch.where(torch.isinf(t), 0.0, t)  # a row with nothing selected has no valid token either
@@ -45,6 +49,8 @@ class TopK(Weighting):
         return top_k(score, valid, ratio, scope, group)
 
     def local_mass(self, ratio, scope, row_counts):
+        from megaslm.loss.selection import keep_count
+
         if scope == "sequence":
             return keep_count(ratio, row_counts).sum().double()
         if scope == "rank":
@@ -52,6 +58,8 @@ class TopK(Weighting):
         return 0.0  # global: known only after the all-reduce of the counts
 
     def global_mass(self, ratio, scope, n_valid, summed_local):
+        from megaslm.loss.selection import keep_count
+
         return keep_count(ratio, n_valid).double() if scope == "global" else summed_local
 
 
@@ -71,16 +79,24 @@ class Soft(Weighting):
             raise bad("slm.temperature", f"must be > 0, got {slm.temperature}")
 
     def weights(self, score, valid, ratio, scope, group) -> Weights:
+        import torch
+
         w = top_k(score, valid, ratio, scope, group)
         t = thresholds(score, w.selected, scope, w.threshold)
         soft = torch.sigmoid((score.detach().float() - t) / self.temperature)
         return Weights(torch.where(valid, soft, 0.0), w.selected, w.threshold, w.quantiles, w.n_nan)
 
     def sums(self, w, valid):
+        import torch
+
         wd = w.weights.double()
         return {"wlogw": torch.where(wd > 0, wd * torch.log(wd.clamp_min(1e-300)), 0.0).sum()}
 
     def metrics(self, m, sums):
+        import torch
+
+        from megaslm.loss.metrics import present
+
         m.ratio("effective_frac", sums["w"], sums["n_valid"])
         W = sums["w"]  # entropy of p = w / W: log W - sum(w log w) / W, where W > 0
         m.mean("weight_entropy", *present(W > 0, torch.log(W) - sums["wlogw"] / W))
