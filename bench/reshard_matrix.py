@@ -3,6 +3,7 @@
 largest relative loss difference over steps 3-6, the conversion's seconds and its disk against the checkpoint's.
 
     python bench/reshard_matrix.py [--only zero2-2to1 ...] [--model tiny] [--out DIR]
+    python bench/reshard_matrix.py --cost 768 12     # the conversion alone, for a Llama of that width and depth
 
 Real `megaslm train` launches (torchrun, gloo on a CPU), the tiny Llama preset, fp32. Takes a few minutes per row
 on 2 cores. The table goes into docs/resilience.md.
@@ -116,15 +117,52 @@ def describe(layout: tuple) -> str:
     return f"{ranks} rank{'s' if ranks > 1 else ''} x {micro}{f' x accum {accum}' if accum > 1 else ''}{tp_part}, ZeRO-{zero[-1]}"
 
 
+def conversion_cost(hidden: int, layers: int, data: dict, out: Path) -> None:
+    """A random Llama of `hidden` x `layers` (vocabulary 512), 2 steps on 2 ranks under ZeRO-2, then its step-2
+    checkpoint converted by megaslm's own path (reshard.convert): seconds and MiB, per million parameters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megaslm.data.tokenizer import load_tokenizer
+    from megaslm.train import reshard
+
+    model_dir = out / f"llama_{hidden}x{layers}"
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                                      tie_word_embeddings=True))
+    params = sum(p.numel() for p in lm.parameters())
+    lm.save_pretrained(model_dir)
+    load_tokenizer(data["tok"]).save_pretrained(str(model_dir))
+    run = out / f"cost_{hidden}x{layers}"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = config(run, data, ("zero2", 2, 1, 1, 1), "tiny")
+    cfg["model"] = {"init_from": str(model_dir)}
+    cfg["train"].update(steps=2, seq_len=16)
+    train(cfg, 2, out / f"{run.name}.yaml")
+    tag = run / "checkpoints" / "step_00000002"
+    t0 = time.time()
+    done, problem, _ = reshard.convert(tag, reshard.Layout(2, 1, 2))
+    seconds = time.time() - t0
+    if problem:
+        raise SystemExit(problem)
+    ckpt, uni = mib(tag, skip="universal"), mib(done)
+    print(f"{params / 1e6:.1f}M parameters: checkpoint {ckpt:.0f} MiB, conversion {seconds:.1f} s, universal "
+          f"{uni:.0f} MiB ({uni * 2**20 / params:.1f} bytes per parameter; {seconds / params * 1e9:.1f} s per "
+          f"billion parameters at this rate)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", choices=sorted(CASES), help="these cases (default all)")
     ap.add_argument("--model", default="tiny", help="model preset (default tiny)")
     ap.add_argument("--out", default="/tmp/megaslm_reshard", help="work directory (kept for inspection)")
+    ap.add_argument("--cost", nargs=2, type=int, metavar=("HIDDEN", "LAYERS"),
+                    help="measure the conversion alone on a random Llama of this width and depth")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = make_data(out)
+    if args.cost:
+        return conversion_cost(*args.cost, data, out)
     rows = []
     names = args.only or list(CASES)
     t0 = time.time()

@@ -18,6 +18,7 @@ client state (the loader's position, the skip guard, an EMA reference). What can
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -115,9 +116,10 @@ def convert(tag_dir: Path, source: Layout) -> tuple[Path | None, str | None, flo
     staging = tag_dir / f"{STAGING}{int(t0)}"
     out = staging / UNIVERSAL
     # A separate process: the converter's worker pools and its prints stay out of the training ranks.
+    workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))  # rank 0's node waits on it: use some of its cores
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", workers,
+           "--num_merge_workers", workers]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
