@@ -86,7 +86,8 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def mib(path: Path, skip: str | None = None) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and (skip is None or skip not in p.parts)) / 2**20
+    files = [p for p in path.rglob("*") if p.is_file() and (skip is None or skip not in p.parts)]
+    return sum(p.stat().st_size for p in files) / 2**20
 
 
 def run_case(name: str, before: tuple, after: tuple, data: dict, out: Path, model: str) -> dict:
@@ -114,7 +115,8 @@ def run_case(name: str, before: tuple, after: tuple, data: dict, out: Path, mode
 def describe(layout: tuple) -> str:
     zero, ranks, micro, accum, tp = layout
     tp_part = f", TP {tp}" if tp > 1 else ""
-    return f"{ranks} rank{'s' if ranks > 1 else ''} x {micro}{f' x accum {accum}' if accum > 1 else ''}{tp_part}, ZeRO-{zero[-1]}"
+    accum_part = f" x accum {accum}" if accum > 1 else ""
+    return f"{ranks} rank{'s' if ranks > 1 else ''} x {micro}{accum_part}{tp_part}, ZeRO-{zero[-1]}"
 
 
 def conversion_cost(hidden: int, layers: int, data: dict, out: Path) -> None:
