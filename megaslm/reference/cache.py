@@ -10,7 +10,7 @@ Cache format (format_version 1), a directory:
   are the losses of stream positions 1 .. n_seq*T; position 0 and the tail after n_seq*T are not scored.
 - `meta.json`, written last: format_version, seq_len, num_sequences, chunk_sequences, num_chunks,
   storage_dtype, compute_dtype, the shard set's identity (path, tokenizer fingerprint, num_tokens, num_documents,
-  a sha256 of sampled token blocks), the reference model's path and fingerprint (sha256 of sampled bytes of its
+  a sha256 of sampled token blocks, every shard file's content hash from `prepare`), the reference model's path and fingerprint (sha256 of sampled bytes of its
   weight files), world_size, created.
 
 Why chunk files rather than one file: each chunk is written by one rank into its own file and renamed into place
@@ -87,7 +87,8 @@ def shards_identity(shards) -> dict:
     for off in _sampled_offsets(n, _TOKEN_BLOCK):
         h.update(shards.read(off, min(n, off + _TOKEN_BLOCK)).tobytes())
     return {"path": shards.path, "tokenizer_fingerprint": shards.fingerprint, "num_tokens": shards.num_tokens,
-            "num_documents": shards.num_documents, "content_sha256": h.hexdigest()}
+            "num_documents": shards.num_documents, "content_sha256": h.hexdigest(),
+            "shard_hashes": shards.shard_hashes}  # every shard file's content hash (prepare's), where recorded
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -194,6 +195,9 @@ class CachedReference:
             if have.get(key) != want[key]:
                 raise UserError(f"{where} was scored on the shards {have.get('path')} ({key} {have.get(key)}) "
                                 f"but data.train {shards.path} has {key} {want[key]}: not the same token stream")
+        changed = shards.changed_shard(have.get("shard_hashes"))  # the sampled hash reads blocks; this, all bytes
+        if changed:
+            raise UserError(f"{where} was scored on other data than data.train: {changed}; score again")
         if model_path:
             fp = model_fingerprint(model_path)
             cached = meta["reference"].get("fingerprint")

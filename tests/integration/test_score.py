@@ -276,6 +276,15 @@ def test_cache_refuses_other_seq_len_shards_model_and_incomplete(scored, tiny_da
         f.truncate(100)
     with pytest.raises(UserError, match=r"00000004.bin is missing or not 8192 bytes"):
         CachedReference(str(damaged), valid, SEQ)
+    # Same counts and sampled blocks, another byte in a shard: the per-shard content hashes (prepare's) differ.
+    other = tmp_path / "other_shards"
+    shutil.copytree(cache, other)
+    meta = json.loads((other / "meta.json").read_text())
+    assert meta["shards"]["shard_hashes"] == valid.shard_hashes
+    meta["shards"]["shard_hashes"][0] = "0" * len(valid.shard_hashes[0])
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"scored on other data than data.train: shard file .* holds other content"):
+        CachedReference(str(other), valid, SEQ)
 
 
 def test_score_command_errors(tmp_path, tiny_data, models):
