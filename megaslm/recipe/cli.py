@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
     rc.add_argument("--noisy", nargs="+", default=None, help="the continued pretraining's text, one source per "
                     "file (default: the other half of MATH mixed with this machine's web-like noise)")
     rc.add_argument("--steps", type=int, default=None, help="CLM and SLM optimizer steps (default 40)")
-    rc.add_argument("--ref-steps", type=int, default=None, help="the reference's CLM steps (default 20)")
+    rc.add_argument("--ref-steps", type=int, default=None, help="the reference's CLM steps (default 60)")
     rc.add_argument("--ratio", type=float, default=None, help="SLM's selected fraction (default 0.6)")
     rc.add_argument("--noise-share", type=float, default=None, help="noise's share of the default noisy mix's bytes "
                     "(default 0.6)")

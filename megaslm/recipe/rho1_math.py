@@ -28,7 +28,7 @@ EVAL_TASKS = ["math500_0shot_bpb", "gsm8k_0shot_bpb", "arc_easy"]
 TASKS_DIR = str(Path(__file__).resolve().parent / "tasks")
 # Chosen to fit ~60 minutes on 2 quiet CPU cores with SmolLM2-135M (docs/recipe_rho1_math.md: the time split, the
 # settings tried): 512-token sequences, 1 per process x 2 processes = 1024 tokens per step.
-DEFAULTS = dict(noise_share=0.6, seq_len=512, micro_batch=1, ref_steps=20, steps=40, lr=1e-4, ref_lr=3e-4,
+DEFAULTS = dict(noise_share=0.6, seq_len=512, micro_batch=1, ref_steps=60, steps=40, lr=1e-4, ref_lr=3e-4,
                 warmup_steps=5, ratio=0.6, eval_every=10, eval_limit=20, token_view_docs=1, nproc=2)
 CONSOLE = Console("recipe")
 
