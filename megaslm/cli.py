@@ -312,5 +312,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _leave(code: int) -> None:
+    """Exit with `code`. After torch.distributed was used, without the interpreter's teardown: gloo's worker
+    threads can still own tensors then, and destroying them aborts a rank whose run had finished ("terminate
+    called without an active exception", SIGABRT: seen once in CI after `done`), which the launcher reports as a
+    failed run. Every file is closed and every process group destroyed by then; only stdio is left to flush."""
+    if "torch.distributed" in sys.modules:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run() -> None:
+    """The `megaslm` command."""
+    _leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -158,6 +158,6 @@ def test_slm_run_with_an_online_reference_of_another_tokenizer_selects_exactly_r
     for r in rows:
         assert r["n_selected"] == math.ceil(0.6 * 2 * SEQ)
         assert 0 < r["ref_loss"] < 20
-    no_tok = _config(tmp_path, tiny_data, xref, **{"data.tokenizer": None})
+    no_tok = _config(tmp_path, tiny_data, xref, **{"data.tokenizer": None, "run.dir": str(tmp_path / "run2")})
     res = run_cli("train", str(no_tok))
     assert res.returncode == 2 and "set data.tokenizer to the shards' tokenizer" in res.stderr
