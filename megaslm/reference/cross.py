@@ -60,14 +60,25 @@ def tokenizer_pair(path: str, shards, trained_tokenizer: str | None, *, vocab_si
     return CrossTokenizer(trained, ref_tok)
 
 
-def reference_inputs(plans, device):
+def reference_rows(ref_ids: list, limit: int | None) -> list:
+    """A window's reference tokens as rows the reference can take: whole, or, longer than its `limit` positions
+    (a reference tokenizer finer than the trained one), cut into blocks of `limit` tokens that overlap by one, as
+    `megaslm score` cuts documents (score_docs.blocks): each block's context restarts at its start."""
+    if not limit or len(ref_ids) <= limit:
+        return [ref_ids]
+    from megaslm.reference.score_docs import blocks
+
+    return [blk for _, blk in blocks(list(ref_ids), limit - 1)]
+
+
+def reference_inputs(rows, device):
     """The reference's [B, L] input ids and labels (-100 past each row's end); L: the longest row, less one."""
-    L = max(2, max(len(p.ref_ids) for p in plans))
-    ids = np.zeros((len(plans), L), np.int64)
-    labels = np.full((len(plans), L - 1), -100, np.int64)
-    for r, p in enumerate(plans):
-        ids[r, :len(p.ref_ids)] = p.ref_ids
-        labels[r, :len(p.ref_ids) - 1] = p.ref_ids[1:]
+    L = max(2, max(len(r) for r in rows))
+    ids = np.zeros((len(rows), L), np.int64)
+    labels = np.full((len(rows), L - 1), -100, np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+        labels[r, :len(row) - 1] = row[1:]
     return torch.from_numpy(ids[:, :-1]).to(device), torch.from_numpy(labels).to(device)
 
 
@@ -91,7 +102,9 @@ class CrossTokenizerReference:
         last = np.where(lab[:, -1] >= 0, lab[:, -1], self.pair.trained.tokenizer.eos_id)
         windows = list(np.concatenate([ids, last[:, None]], axis=1))
         plans = self.pair.plan(windows)
-        r_ids, r_labels = reference_inputs(plans, input_ids.device)
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        rows = [reference_rows(p.ref_ids, limit) for p in plans]
+        r_ids, r_labels = reference_inputs([row for rs in rows for row in rs], input_ids.device)
         r_pos = None
         if position_ids is not None:  # document masking: the reference's positions restart after its EOS
             from megaslm.data.loader import document_positions
@@ -99,8 +112,11 @@ class CrossTokenizerReference:
             r_pos = torch.from_numpy(document_positions(r_ids.cpu().numpy(), self.pair.ref_eos)).to(input_ids.device)
         v = self.model.losses(r_ids, r_labels, r_pos).float().cpu().numpy()
         out = np.zeros(lab.shape, np.float32)
+        at = 0
         for r, p in enumerate(plans):
-            ref = np.concatenate([[0.0], v[r, :len(p.ref_ids) - 1]])
+            parts = [v[at + k, :len(row) - 1] for k, row in enumerate(rows[r])]
+            at += len(rows[r])
+            ref = np.concatenate([[0.0], *parts])
             out[r] = self.pair.carry(p, ref, len(windows[r]))[1:]
         out[lab == -100] = 0.0
         return torch.from_numpy(out).to(labels.device)

@@ -104,6 +104,47 @@ def test_online_reference_with_another_tokenizer_is_the_carried_model_nll(tiny_d
     assert got[1, 5] == 0 and got.mean() > 1
 
 
+def test_online_reference_rows_longer_than_its_positions_are_scored_in_blocks(tiny_data, xref):
+    """A reference of 8 positions on windows of ~20 of its tokens: each row is cut into blocks of 8 tokens that
+    overlap by one, every block scored from its own start (computed here block by block with full logits)."""
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megaslm.data.loader import PackedLoader
+    from megaslm.data.tokenizer import load_tokenizer
+    from megaslm.model.build import TokenLossModel
+    from megaslm.reference.cross import CrossTokenizerReference
+    from megaslm.reference.xtok import CrossTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(xref, dtype=torch.float32).eval()
+    limit = 8
+
+    class Short:
+        placement = "test"
+        config = types.SimpleNamespace(max_position_embeddings=limit)
+        scorer = TokenLossModel(lm)
+
+        def losses(self, ids, labels, position_ids=None):
+            assert ids.shape[1] <= limit
+            return self.scorer(ids, labels, position_ids).float()
+
+    pair = CrossTokenizer(load_tokenizer(str(tiny_data["tok"])), load_tokenizer(xref))
+    batch = PackedLoader(tiny_data["valid"], SEQ, 3).next_batch()
+    got = CrossTokenizerReference(Short(), pair).losses_for(batch).numpy()
+    windows = np.concatenate([batch["input_ids"].numpy(), batch["labels"].numpy()[:, -1:]], axis=1)
+    for r, plan in enumerate(pair.plan(list(windows))):
+        assert len(plan.ref_ids) > 2 * limit - 1  # three blocks or more
+        nll = [0.0]
+        for start in range(0, len(plan.ref_ids) - 1, limit - 1):
+            ids = torch.tensor([plan.ref_ids[start:start + limit]])
+            with torch.no_grad():
+                logp = torch.log_softmax(lm(ids).logits.float()[0, :-1], -1)
+            nll += list(-logp.gather(1, ids[0, 1:, None])[:, 0].numpy())
+        np.testing.assert_allclose(got[r], pair.carry(plan, np.array(nll), SEQ + 1)[1:], rtol=1e-5, atol=1e-5)
+
+
 def test_score_with_another_tokenizer_equals_imported_transformers_logprobs(tmp_path, small, xref):
     """`megaslm score` (reference of another tokenizer) and bench/logprobs_transformers.py + `score --import` write
     the same cache; over each whole document it holds the reference's total NLL (the carrying loses nothing)."""
