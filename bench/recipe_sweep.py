@@ -1,0 +1,86 @@
+"""More SLM settings on a finished `megaslm recipe rho1-math` directory, reusing its reference, base evaluation and
+CLM baseline: each variant is one more SLM run (the recipe's own SLM config with the changed keys) in
+DIR/sweep/NAME/, evaluated in the loop as the recipe's SLM is. Prints, per variant and task, the final figure and
+the step at which it reaches CLM's final (the recipe's report rule: linear between evaluations, the base at
+step 0); writes DIR/sweep/sweep.json. A finished variant is not run again.
+
+    python bench/recipe_sweep.py DIR --ratio 0.4 0.8 [--lr 2e-4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from megaslm.phases import read_metrics, train
+from megaslm.recipe.rho1_math import TASKS_DIR
+from megaslm.recipe.results import HIGHER_IS_BETTER, eval_series, steps_to_reach
+
+
+def variants(a) -> dict[str, dict]:
+    out = {f"ratio_{r:g}": {"slm": {"ratio": r}} for r in a.ratio}
+    out.update({f"lr_{lr:g}": {"train": {"lr": lr}} for lr in a.lr})
+    return out
+
+
+def run_variant(root: Path, name: str, change: dict) -> Path:
+    cfg = yaml.safe_load((root / "slm.yaml").read_text())
+    for sec, kv in change.items():
+        cfg[sec].update(kv)
+    if "eval" in cfg:  # this checkout's task files (the recipe may have run from another checkout)
+        cfg["eval"]["include_path"] = [TASKS_DIR]
+    run = root / "sweep" / name
+    cfg["run"].update({"dir": str(run / "run"), "name": f"slm-{name}"})
+    if not (run / "done.json").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        print(f"recipe_sweep: {name}: {change}", flush=True)
+        train(cfg, run / "slm.yaml", int(json.loads((root / "recipe.json").read_text())["params"]["nproc"]))
+        (run / "done.json").write_text(json.dumps(change) + "\n")
+    return run / "run"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dir", help="a finished recipe directory (its recipe.json says complete)")
+    p.add_argument("--ratio", type=float, nargs="*", default=[])
+    p.add_argument("--lr", type=float, nargs="*", default=[])
+    a = p.parse_args()
+    root = Path(a.dir).resolve()
+    if not json.loads((root / "recipe.json").read_text()).get("complete"):
+        print(f"error: {root}: the recipe has not finished (recipe.json)", file=sys.stderr)
+        return 2
+    base = json.loads((root / "eval" / "base" / "results.json").read_text())["tasks"]
+    curves = {"clm": eval_series(read_metrics(root / "runs" / "clm")),
+              "slm (recipe)": eval_series(read_metrics(root / "runs" / "slm"))}
+    for name, change in variants(a).items():
+        curves[name] = eval_series(read_metrics(run_variant(root, name, change)))
+    table: dict = {}
+    for task, metrics in curves["clm"].items():
+        for metric, clm in metrics.items():
+            higher, b = metric in HIGHER_IS_BETTER, base.get(task, {}).get(metric)
+            target = clm[-1][1]
+            for name, c in curves.items():
+                s = c.get(task, {}).get(metric, [])
+                reach = steps_to_reach(s, b, target, higher) if s and name != "clm" else None
+                table.setdefault(f"{task}/{metric}", {})[name] = {
+                    "curve": s, "final": s[-1][1] if s else None,
+                    "steps_to_clm_final": None if reach is None else round(reach, 1),
+                    "speedup": round(clm[-1][0] / reach, 2) if reach else None}
+    (root / "sweep").mkdir(exist_ok=True)
+    (root / "sweep" / "sweep.json").write_text(json.dumps({"base": base, "table": table}, indent=1) + "\n")
+    for key, rows in table.items():
+        print(f"\n{key} (base {base.get(key.split('/')[0], {}).get(key.split('/')[1])})")
+        print(f"{'variant':<14} {'final':>8} {'reach CLM final':>16} {'speedup':>8}   curve")
+        for name, r in rows.items():
+            curve = " ".join(f"{v:.4f}" for _, v in r["curve"])
+            print(f"{name:<14} {r['final'] if r['final'] is None else round(r['final'], 4)!s:>8} "
+                  f"{r['steps_to_clm_final']!s:>16} {r['speedup']!s:>8}   {curve}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
