@@ -39,6 +39,8 @@ from megaslm.reference.cache import (CHUNK_DIR, DEFAULT_STORAGE_DTYPE, JOB_FILE,
                                      is_complete, is_replaceable, model_fingerprint, read_meta, shards_identity,
                                      swap_in, write_chunk, write_json_synced)
 
+PROGRESS_EVERY_S = 15  # the progress line's period (rank 0), within a chunk as well
+
 
 # ---------------------------------------------------------------------------------------------- scoring
 def _job(cfg, shards, model_fp: str, compute_dtype: str, storage_dtype: str, chunk_sequences: int,
@@ -237,16 +239,30 @@ def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
     starts = None if job.pair is None else score_docs.document_starts(job.shards)
     t0, seqs_done, last_print = time.time(), 0, 0.0
     rounds = math.ceil(len(todo) / W)
+    total = sum(job.rows(c)[1] - job.rows(c)[0] for c in todo)
     for k in range(rounds):
         batch = todo[k * W:(k + 1) * W]
         sizes = [job.rows(c)[1] - job.rows(c)[0] for c in batch]
         mine = batch[run.groups.dp_rank] if run.groups.dp_rank < len(batch) else None
+
+        def tick(frac: float) -> None:
+            # Within a round too: a 135M reference on a CPU takes minutes per chunk. Rank 0's share of its own
+            # chunk stands for the round's.
+            nonlocal last_print
+            now = time.time()
+            if not run.is_main or now - last_print < PROGRESS_EVERY_S:
+                return
+            last_print = now
+            done, dt = seqs_done + frac * sum(sizes), now - t0
+            say(f"{plan['n_done'] + k * W}/{job.num_chunks} chunks, round {k + 1}/{rounds} at {frac:.0%} | "
+                f"{done * job.T / dt:.0f} tok/s | elapsed {hms(dt)} | eta {hms((total - done) * dt / max(done, 1e-9))}")
+
         with torch.no_grad():
             if job.pair is None:
                 n_micro = math.ceil(max(sizes) / job.cfg.train.micro_batch_size)
-                values = _score_chunk(job, mine, n_micro, run, reference)
+                values = _score_chunk(job, mine, n_micro, run, reference, tick)
             else:  # another tokenizer: whole documents in the reference's tokens (score_docs.py)
-                values = score_docs.score_chunk(job, mine, run, reference, job.pair, starts)
+                values = score_docs.score_chunk(job, mine, run, reference, job.pair, starts, tick)
         if mine is not None:
             if run.groups.tp_rank == 0:
                 write_chunk(chunk_file(work, mine), values)
@@ -255,7 +271,7 @@ def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
         stop = torch.tensor([1.0 if run.preemption.requested() else 0.0], device=run.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # sync point: every rank stops after the same round
         now, finished = time.time(), plan["n_done"] + min(len(todo), (k + 1) * W)
-        if run.is_main and (now - last_print >= 10 or k == rounds - 1 or stop.item() > 0):
+        if run.is_main and (now - last_print >= PROGRESS_EVERY_S or k == rounds - 1 or stop.item() > 0):
             last_print = now
             dt = max(now - t0, 1e-9)
             left = (len(todo) - (k + 1) * W) / max(1, (k + 1) * W) * dt if k < rounds - 1 else 0.0
@@ -268,7 +284,8 @@ def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
     return seqs_done
 
 
-def _score_chunk(job: Job, chunk: int | None, n_micro: int, run, reference) -> np.ndarray | None:
+def _score_chunk(job: Job, chunk: int | None, n_micro: int, run, reference, tick=lambda frac: None
+                 ) -> np.ndarray | None:
     """The losses of `chunk` ([rows, T]), in `n_micro` forwards: every rank runs as many as the largest chunk of
     the round needs (a ZeRO-3 reference gathers its weights collectively), padding with an ignored batch."""
     import torch
@@ -280,6 +297,7 @@ def _score_chunk(job: Job, chunk: int | None, n_micro: int, run, reference) -> n
     values = np.empty((hi - lo, T), job.np_dtype) if chunk is not None else None
     for m in range(n_micro):
         a, b = lo + m * B, min(hi, lo + (m + 1) * B)
+        tick(m / n_micro)
         if a >= hi:
             reference.losses(pad_ids, pad_labels)
             continue

@@ -62,8 +62,10 @@ def chunk_documents(job, chunk: int, starts: np.ndarray) -> range:
     return range(int(np.searchsorted(starts, p0, side="right")) - 1, int(np.searchsorted(starts, p1, side="right")))
 
 
-def score_chunk(job, chunk: int | None, run, reference, pair, starts: np.ndarray) -> np.ndarray | None:
-    """The carried losses of `chunk` ([rows, T]); every rank runs as many forwards as the busiest (ZeRO-3)."""
+def score_chunk(job, chunk: int | None, run, reference, pair, starts: np.ndarray, tick=lambda frac: None
+                ) -> np.ndarray | None:
+    """The carried losses of `chunk` ([rows, T]); every rank runs as many forwards as the busiest (ZeRO-3).
+    `tick(fraction of the forwards done)` before each forward (the progress line)."""
     import torch
     import torch.distributed as dist
 
@@ -77,6 +79,7 @@ def score_chunk(job, chunk: int | None, run, reference, pair, starts: np.ndarray
     dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)  # sync point: the same number of forwards on every rank
     ref_losses = [np.zeros(len(p.ref_ids), np.float64) for p in plans]
     for m in range(int(n_micro.item())):
+        tick(m / int(n_micro.item()))
         part = rows[m * B:(m + 1) * B]
         ids = np.zeros((max(1, len(part)), T), np.int64)
         labels = np.full((max(1, len(part)), T), -100, np.int64)
