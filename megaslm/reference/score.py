@@ -250,10 +250,10 @@ def _rounds(job: Job, plan: dict, run, reference, say) -> int | None:
             # chunk stands for the round's.
             nonlocal last_print
             now = time.time()
-            if not run.is_main or now - last_print < PROGRESS_EVERY_S:
+            done, dt = seqs_done + frac * sum(sizes), now - t0
+            if not run.is_main or now - last_print < PROGRESS_EVERY_S or done <= 0:
                 return
             last_print = now
-            done, dt = seqs_done + frac * sum(sizes), now - t0
             say(f"{plan['n_done'] + k * W}/{job.num_chunks} chunks, round {k + 1}/{rounds} at {frac:.0%} | "
                 f"{done * job.T / dt:.0f} tok/s | elapsed {hms(dt)} | eta {hms((total - done) * dt / max(done, 1e-9))}")
 
