@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from megaslm.phases import megaslm, read_metrics, train
+from megaslm.recipe.results import steps_to_reach
 
 
 def _config(out: Path, name: str, a, **extra) -> dict:
@@ -53,15 +54,6 @@ def _vals(rows: list[dict]) -> dict[int, float]:
 def _mean(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
-
-
-def _reach(curve: dict[int, float], target: float) -> float | None:
-    """The first step (linear between evaluations) at which `curve` is at or below `target`."""
-    pts = sorted(curve.items())
-    for (s0, v0), (s1, v1) in zip([(0, math.inf)] + pts, pts):
-        if v1 <= target:
-            return float(s1) if not math.isfinite(v0) or v0 == v1 else s0 + (v0 - target) / (v0 - v1) * (s1 - s0)
-    return None
 
 
 def main() -> int:
@@ -110,19 +102,24 @@ def main() -> int:
                 str(out / "shards" / "valid"))
     phase("shards", out / "shards" / "valid", shards)
 
+    def train_reference(tok: str, model: dict, **steps) -> None:
+        """The clean split in `tok`'s tokens, a CLM run of `model` on it, exported to OUT/reference_hf."""
+        megaslm("prepare", "--input", str(corpus / "clean_train.jsonl"), "--tokenizer", tok, "--out",
+                str(out / "shards" / "ref_clean"))
+        cfg = {"run": {"dir": str(out / "runs" / "reference"), "name": "reference"}, "model": model,
+               "data": {"train": str(out / "shards" / "ref_clean"), "tokenizer": tok},
+               "train": {"log_every": 1, "seed": a.seed, "keep_checkpoints": 1, **steps},
+               "deepspeed": {"config": "ds_configs/zero2.json"},
+               "wandb": {"mode": "offline", "project": "megaslm-xtok"}}
+        train(cfg, out / "reference.yaml")
+        megaslm("export", str(out / "runs" / "reference"), "--out", str(out / "reference_hf"))
+
     if a.tiny_reference:
         def tiny():  # another tokenizer (SentencePiece, 2000 pieces, trained on the clean split), a model of our size
-            clean = str(corpus / "clean_train.jsonl")
-            megaslm("tokenizer", "train", "--input", clean, "--vocab-size", "2000", "--out", str(out / "ref_tokenizer"))
-            megaslm("prepare", "--input", clean, "--tokenizer", str(out / "ref_tokenizer"), "--out",
-                    str(out / "shards" / "ref_clean"))
-            cfg = {"run": {"dir": str(out / "runs" / "reference"), "name": "reference"}, "model": {"preset": "tiny"},
-                   "data": {"train": str(out / "shards" / "ref_clean"), "tokenizer": str(out / "ref_tokenizer")},
-                   "train": {"steps": a.tiny_reference, "seq_len": 128, "micro_batch_size": 8, "lr": 2e-3,
-                             "warmup_steps": 10, "log_every": 10, "seed": a.seed},
-                   "deepspeed": {"config": "ds_configs/zero2.json"}, "wandb": {"mode": "disabled"}}
-            train(cfg, out / "reference.yaml")
-            megaslm("export", str(out / "runs" / "reference"), "--out", str(out / "reference_hf"))
+            megaslm("tokenizer", "train", "--input", str(corpus / "clean_train.jsonl"), "--vocab-size", "2000",
+                    "--out", str(out / "ref_tokenizer"))
+            train_reference(str(out / "ref_tokenizer"), {"preset": "tiny"}, steps=a.tiny_reference, seq_len=128,
+                            micro_batch_size=8, lr=2e-3, warmup_steps=10)
         phase(f"reference: a tiny Llama with its own tokenizer, {a.tiny_reference} steps on the clean split",
               out / "reference_hf", tiny)
         ref = str(out / "reference_hf")
@@ -133,20 +130,9 @@ def main() -> int:
         ref = str(default_base())
     if a.ref_steps and not a.tiny_reference:
         base = ref
-
-        def finetune():
-            megaslm("prepare", "--input", str(corpus / "clean_train.jsonl"), "--tokenizer", base, "--out",
-                    str(out / "shards" / "ref_clean"))
-            cfg = {"run": {"dir": str(out / "runs" / "reference"), "name": "reference"},
-                   "model": {"init_from": base},
-                   "data": {"train": str(out / "shards" / "ref_clean"), "tokenizer": base},
-                   "train": {"steps": a.ref_steps, "seq_len": 256, "micro_batch_size": 2, "lr": 3e-4,
-                             "warmup_steps": 3, "log_every": 1, "seed": a.seed, "keep_checkpoints": 1},
-                   "deepspeed": {"config": "ds_configs/zero2.json"},
-                   "wandb": {"mode": "offline", "project": "megaslm-xtok"}}
-            train(cfg, out / "reference.yaml")
-            megaslm("export", str(out / "runs" / "reference"), "--out", str(out / "reference_hf"))
-        phase(f"reference: {base} fine-tuned {a.ref_steps} steps on the clean split", out / "reference_hf", finetune)
+        phase(f"reference: {base} fine-tuned {a.ref_steps} steps on the clean split", out / "reference_hf",
+              lambda: train_reference(base, {"init_from": base}, steps=a.ref_steps, seq_len=256, micro_batch_size=2,
+                                      lr=3e-4, warmup_steps=3))
         ref = str(out / "reference_hf")
     cache = out / "ref_cache"
 
@@ -170,13 +156,15 @@ def main() -> int:
     per_step = 8 * 128 * 2  # micro-batch x seq_len x 2 data-parallel ranks
     exact = all(r["n_selected"] == math.ceil(a.ratio * r.get("n_valid", per_step)) for r in train_rows)
     final_c, final_s = vc[max(vc)], vs[max(vs)]
-    reach = _reach(vs, final_c)
-    res = {"reference": ref, "ref_steps": a.ref_steps, "tiny_reference": a.tiny_reference, "steps": a.steps, "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
+    reach = steps_to_reach(sorted(vs.items()), None, final_c, higher=False)
+    res = {"reference": ref, "ref_steps": a.ref_steps, "tiny_reference": a.tiny_reference, "steps": a.steps,
+           "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
            "selected_frac": [r.get("selected_frac") for r in train_rows],
            "n_selected_exact": exact,
            # sources in `prepare`'s input order: 0 the clean prose of the noisy mix, 1 the noise
            "selected_frac_clean": _mean(r.get("selected_frac/0") for r in train_rows),
-           "selected_frac_noise": _mean(r.get("selected_frac/1") for r in train_rows), "slm_reaches_clm_final_at": reach,
+           "selected_frac_noise": _mean(r.get("selected_frac/1") for r in train_rows),
+           "slm_reaches_clm_final_at": reach,
            "speedup": (max(vc) / reach) if reach else None, "phase_seconds": times,
            "cache_meta": json.loads((cache / "meta.json").read_text()).get("reference", {})}
     (out / "xtok_rho1.json").write_text(json.dumps(res, indent=1) + "\n")

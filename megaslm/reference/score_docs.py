@@ -77,9 +77,10 @@ def score_chunk(job, chunk: int | None, run, reference, pair, starts: np.ndarray
     rows = pack([(i, first, blk) for i, p in enumerate(plans) for first, blk in blocks(p.ref_ids, T)], T)
     n_micro = torch.tensor([math.ceil(len(rows) / B)], device=run.device)
     dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)  # sync point: the same number of forwards on every rank
+    n_forwards = int(n_micro.item())
     ref_losses = [np.zeros(len(p.ref_ids), np.float64) for p in plans]
-    for m in range(int(n_micro.item())):
-        tick(m / int(n_micro.item()))
+    for m in range(n_forwards):
+        tick(m / n_forwards)
         part = rows[m * B:(m + 1) * B]
         ids = np.zeros((max(1, len(part)), T), np.int64)
         labels = np.full((max(1, len(part)), T), -100, np.int64)
