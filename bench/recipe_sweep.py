@@ -5,9 +5,13 @@ the step at which it reaches CLM's final (the recipe's report rule: linear betwe
 step 0); writes DIR/sweep/sweep.json. A finished variant is not run again.
 
     python bench/recipe_sweep.py DIR --ratio 0.4 0.8 [--variant soft=slm.weighting=soft,slm.temperature=0.5]
+        [--ref-steps 120]
 
-Only SLM-side keys belong in a variant (slm.*): the CLM baseline is reused, so a change that CLM would see too (the
-learning rate, the steps) would not be compared like for like.
+`--ref-steps N`: another reference, the recipe's reference run with N steps (DIR/sweep/ref_N/, exported to
+DIR/sweep/ref_N/hf), then SLM at the recipe's settings with it (variant `ref_N`).
+
+Only SLM-side keys belong in a variant (slm.*, reference.*): the CLM baseline is reused, so a change that CLM would
+see too (the learning rate, the steps) would not be compared like for like.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from megaslm.phases import read_metrics, train
+from megaslm.phases import megaslm, read_metrics, train
 from megaslm.recipe.rho1_math import TASKS_DIR
 from megaslm.recipe.results import HIGHER_IS_BETTER, eval_series, steps_to_reach
 
@@ -32,11 +36,30 @@ def variants(a) -> dict[str, dict]:
         for kv in sets.split(","):
             key, _, val = kv.partition("=")
             sec, _, field = key.partition(".")
-            if sec != "slm" or not field or not val:
-                raise SystemExit(f"error: --variant {v}: want NAME=slm.KEY=VALUE[,slm.KEY=VALUE] (SLM keys only)")
+            if sec not in ("slm", "reference") or not field or not val:
+                raise SystemExit(f"error: --variant {v}: want NAME=slm.KEY=VALUE[,reference.KEY=VALUE] (SLM-side "
+                                 "keys only)")
             change.setdefault(sec, {})[field] = yaml.safe_load(val)
         out[name] = change
     return out
+
+
+def _nproc(root: Path) -> int:
+    return int(json.loads((root / "recipe.json").read_text())["params"]["nproc"])
+
+
+def train_reference(root: Path, steps: int) -> str:
+    """The recipe's reference run with `steps` steps, in DIR/sweep/ref_STEPS; its exported HF directory."""
+    out = root / "sweep" / f"ref_{steps}"
+    if not (out / "hf" / "config.json").exists():
+        cfg = yaml.safe_load((root / "reference.yaml").read_text())
+        cfg["run"].update({"dir": str(out / "run"), "name": f"reference-{steps}"})
+        cfg["train"]["steps"] = steps
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"recipe_sweep: reference of {steps} steps", flush=True)
+        train(cfg, out / "reference.yaml", _nproc(root))
+        megaslm("export", str(out / "run"), "--out", str(out / "hf"))
+    return str(out / "hf")
 
 
 def run_variant(root: Path, name: str, change: dict) -> Path:
@@ -50,7 +73,7 @@ def run_variant(root: Path, name: str, change: dict) -> Path:
     if not (run / "done.json").exists():
         run.mkdir(parents=True, exist_ok=True)
         print(f"recipe_sweep: {name}: {change}", flush=True)
-        train(cfg, run / "slm.yaml", int(json.loads((root / "recipe.json").read_text())["params"]["nproc"]))
+        train(cfg, run / "slm.yaml", _nproc(root))
         (run / "done.json").write_text(json.dumps(change) + "\n")
     return run / "run"
 
@@ -59,7 +82,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dir", help="a finished recipe directory (its recipe.json says complete)")
     p.add_argument("--ratio", type=float, nargs="*", default=[])
-    p.add_argument("--variant", nargs="*", default=[], help="NAME=slm.KEY=VALUE[,slm.KEY=VALUE]")
+    p.add_argument("--variant", nargs="*", default=[], help="NAME=slm.KEY=VALUE[,reference.KEY=VALUE]")
+    p.add_argument("--ref-steps", type=int, nargs="*", default=[], help="SLM with a reference trained N steps")
     a = p.parse_args()
     root = Path(a.dir).resolve()
     if not json.loads((root / "recipe.json").read_text()).get("complete"):
@@ -68,7 +92,10 @@ def main() -> int:
     base = json.loads((root / "eval" / "base" / "results.json").read_text())["tasks"]
     curves = {"clm": eval_series(read_metrics(root / "runs" / "clm")),
               "slm (recipe)": eval_series(read_metrics(root / "runs" / "slm"))}
-    for name, change in variants(a).items():
+    todo = variants(a)
+    for n in a.ref_steps:
+        todo[f"ref_{n}"] = {"reference": {"path": train_reference(root, n)}}
+    for name, change in todo.items():
         curves[name] = eval_series(read_metrics(run_variant(root, name, change)))
     table: dict = {}
     for task, metrics in curves["clm"].items():
