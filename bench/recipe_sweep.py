@@ -2,7 +2,7 @@
 CLM baseline: each variant is one more SLM run (the recipe's own SLM config with the changed keys) in
 DIR/sweep/NAME/, evaluated in the loop as the recipe's SLM is. Prints, per variant and task, the final figure and
 the step at which it reaches CLM's final (the recipe's report rule: linear between evaluations, the base at
-step 0); writes DIR/sweep/sweep.json. A finished variant is not run again.
+step 0; the speed-up against the step at which CLM itself first reaches it); writes DIR/sweep/sweep.json. A finished variant is not run again.
 
     python bench/recipe_sweep.py DIR --ratio 0.4 0.8 [--variant soft=slm.weighting=soft,slm.temperature=0.5]
         [--ref-steps 120]
@@ -25,7 +25,7 @@ import yaml
 
 from megaslm.phases import megaslm, read_metrics, train
 from megaslm.recipe.rho1_math import TASKS_DIR
-from megaslm.recipe.results import HIGHER_IS_BETTER, eval_series, steps_to_reach
+from megaslm.recipe.results import HIGHER_IS_BETTER, eval_series, speedup
 
 
 def variants(a) -> dict[str, dict]:
@@ -102,16 +102,14 @@ def main() -> int:
         for metric, clm in metrics.items():
             higher, b = metric in HIGHER_IS_BETTER, base.get(task, {}).get(metric)
             target = clm[-1][1]
-            # the report's rule: no reach step when CLM ends no better than the base (nothing to reach)
-            gained = b is None or (target > b if higher else target < b)
             for name, c in curves.items():
                 s = c.get(task, {}).get(metric, [])
-                reach = steps_to_reach(s, b, target, higher) if s and name != "clm" and gained else None
+                reach, _, ratio = speedup(clm, s, b, higher)  # the report's rule
                 table.setdefault(f"{task}/{metric}", {})[name] = {
                     "curve": s, "final": s[-1][1] if s else None,
                     "vs_clm_final": s[-1][1] - target if s else None,
                     "steps_to_clm_final": None if reach is None else round(reach, 1),
-                    "speedup": round(clm[-1][0] / reach, 2) if reach else None}
+                    "speedup": None if ratio is None else round(ratio, 2)}
     (root / "sweep").mkdir(exist_ok=True)
     (root / "sweep" / "sweep.json").write_text(json.dumps({"base": base, "table": table}, indent=1) + "\n")
     for key, rows in table.items():

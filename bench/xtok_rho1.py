@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from megaslm.phases import megaslm, read_metrics, train
-from megaslm.recipe.results import steps_to_reach
+from megaslm.recipe.results import speedup
 
 
 def _config(out: Path, name: str, a, **extra) -> dict:
@@ -156,7 +156,7 @@ def main() -> int:
     per_step = 8 * 128 * 2  # micro-batch x seq_len x 2 data-parallel ranks
     exact = all(r["n_selected"] == math.ceil(a.ratio * r.get("n_valid", per_step)) for r in train_rows)
     final_c, final_s = vc[max(vc)], vs[max(vs)]
-    reach = steps_to_reach(sorted(vs.items()), None, final_c, higher=False)
+    reach, _, ratio = speedup(sorted(vc.items()), sorted(vs.items()), None, higher=False)
     res = {"reference": ref, "ref_steps": a.ref_steps, "tiny_reference": a.tiny_reference, "steps": a.steps,
            "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
            "selected_frac": [r.get("selected_frac") for r in train_rows],
@@ -165,7 +165,7 @@ def main() -> int:
            "selected_frac_clean": _mean(r.get("selected_frac/0") for r in train_rows),
            "selected_frac_noise": _mean(r.get("selected_frac/1") for r in train_rows),
            "slm_reaches_clm_final_at": reach,
-           "speedup": (max(vc) / reach) if reach else None, "phase_seconds": times,
+           "speedup": ratio, "phase_seconds": times,
            "cache_meta": json.loads((cache / "meta.json").read_text()).get("reference", {})}
     (out / "xtok_rho1.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"{'step':>6} {'CLM val':>9} {'SLM val':>9}")

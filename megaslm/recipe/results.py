@@ -4,12 +4,15 @@ report.json:
     {"recipe", "settings", "tokens_per_step", "elapsed_s", "phase_seconds": {phase: s},
      "tasks": {task: {metric: {"base": v, "clm": [[step, v], ...], "slm": [[step, v], ...],
                                "clm_final": v, "slm_final": v, "higher_is_better": bool,
-                               "slm_steps_to_clm_final": s or null, "speedup": CLM's steps / s or null}}},
+                               "slm_steps_to_clm_final": s or null, "clm_steps_to_clm_final": c or null,
+                               "speedup": c / s or null}}},
      "contamination": the check's result (megaslm/contamination.py), "selection": per-source selected fraction}
 
 `slm_steps_to_clm_final`: the step at which SLM's curve first reaches CLM's final figure, linear between the
 evaluated steps with the base at step 0 (null: it never does, or CLM's final is no better than the base:
-`clm_improved_on_base` false).
+`clm_improved_on_base` false); `clm_steps_to_clm_final`: the same for CLM's own curve (its last step when it
+improves steadily; earlier when it reached that figure before and went back); `speedup`: the second over the first,
+so that a CLM curve that reached its final figure early and went back does not count as SLM's speed-up.
 """
 
 from __future__ import annotations
@@ -50,6 +53,21 @@ def steps_to_reach(curve: list[list[float]], base: float | None, target: float, 
     return None
 
 
+def speedup(clm: list[list[float]], slm: list[list[float]], base: float | None,
+            higher: bool) -> tuple[float | None, float | None, float | None]:
+    """(SLM's steps to CLM's final, CLM's own steps to it, their ratio) by `steps_to_reach`; all None when either
+    curve is empty or CLM's final is no better than the base (the base "reaches" it at step 0: nothing to measure).
+    CLM's own step is its first reach of its final, not its last step, so that a CLM curve that dipped below its
+    final and came back does not count as a speed-up for SLM."""
+    if not clm or not slm:
+        return None, None, None
+    target = clm[-1][1]
+    if base is not None and not (target > base if higher else target < base):
+        return None, None, None
+    s, c = steps_to_reach(slm, base, target, higher), steps_to_reach(clm, base, target, higher)
+    return s, c, (c / s if s else None)
+
+
 def task_table(root: Path) -> dict:
     base = json.loads((root / "eval" / "base" / "results.json").read_text())["tasks"]
     runs = {name: eval_series(read_metrics(root / "runs" / name)) for name in ("clm", "slm")}
@@ -63,10 +81,11 @@ def task_table(root: Path) -> dict:
                    "clm_final": clm[-1][1] if clm else None, "slm_final": slm[-1][1] if slm else None}
             # CLM's final no better than the base: the base "reaches" it at step 0, which measures nothing
             gained = clm and (b is None or (row["clm_final"] > b if higher else row["clm_final"] < b))
-            reach = steps_to_reach(slm, b, row["clm_final"], higher) if gained and slm else None
+            reach, own, ratio = speedup(clm, slm, b, higher)
             row["clm_improved_on_base"] = bool(gained)
             row["slm_steps_to_clm_final"] = None if reach is None else round(reach, 1)
-            row["speedup"] = round(clm[-1][0] / reach, 2) if reach else None
+            row["clm_steps_to_clm_final"] = None if own is None else round(own, 1)
+            row["speedup"] = None if ratio is None else round(ratio, 2)
             out.setdefault(task, {})[metric] = row
     return out
 
@@ -123,8 +142,9 @@ def markdown(p: dict, tasks: dict, cont: dict | None, state: dict, elapsed: floa
             elif reach is None:
                 verdict = f"SLM does not reach CLM's final ({_fmt(row['clm_final'])}) within the run"
             else:
-                verdict = (f"SLM reaches CLM's final ({_fmt(row['clm_final'])}) at step {reach} ({row['speedup']}x "
-                           "fewer steps; linear between evaluations, the base at step 0)")
+                verdict = (f"SLM reaches CLM's final ({_fmt(row['clm_final'])}) at step {reach}, CLM at step "
+                           f"{row['clm_steps_to_clm_final']} ({row['speedup']}x fewer steps; linear between "
+                           "evaluations, the base at step 0)")
             if row["slm_final"] is not None and row["clm_final"] is not None and row["slm_final"] != row["clm_final"]:
                 better = (row["slm_final"] > row["clm_final"]) == row["higher_is_better"]
                 verdict += (f". SLM ends {'better' if better else 'worse'} than CLM: {_fmt(row['slm_final'])} against "

@@ -63,6 +63,22 @@ def test_a_failed_phase_is_resumed_and_other_settings_are_refused(tmp_path, fake
         rho1_math.run_recipe(str(tmp_path / "new"), clean=[str(tmp_path / "missing.jsonl")])
 
 
+def test_speedup_counts_from_where_clm_itself_first_reaches_its_final():
+    from megaslm.recipe.results import speedup
+
+    # CLM improves steadily: its own reach is its last step
+    assert speedup([[10, 0.9], [20, 0.8]], [[10, 0.8], [20, 0.7]], 1.0, higher=False) == (10.0, 20.0, 2.0)
+    # CLM dips to 0.6486 at step 10 and ends at 0.6612 (seed 1's GSM8K): both curves reach 0.6612 in the first
+    # interval from the base; the ratio is theirs, not 40 / 1.6
+    clm = [[10, 0.6486], [20, 0.6632], [30, 0.6622], [40, 0.6612]]
+    slm = [[10, 0.6459], [20, 0.6640], [30, 0.6607], [40, 0.6594]]
+    s, c, r = speedup(clm, slm, 0.6641, higher=False)
+    assert s == pytest.approx(10 * 0.0029 / 0.0182) and c == pytest.approx(10 * 0.0029 / 0.0155)
+    assert r == pytest.approx(c / s) and r < 1.2
+    assert speedup(clm, slm, 0.6600, higher=False) == (None, None, None)  # CLM ends worse than the base
+    assert speedup([[10, 0.9]], [[10, 0.95]], 1.0, higher=False)[0] is None  # SLM never reaches it
+
+
 def _metrics(run, rows):
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -84,11 +100,11 @@ def test_report_tables_figures_and_json_from_the_runs_records(tmp_path):
     rep = json.loads((root / "report.json").read_text())
     m = rep["tasks"]["math500_0shot_bpb"]["bpb"]
     assert m["base"] == 1.0 and m["clm"] == [[10, 0.9], [20, 0.8]] and m["slm_final"] == 0.7
-    assert m["slm_steps_to_clm_final"] == 10.0 and m["speedup"] == 2.0
+    assert m["slm_steps_to_clm_final"] == 10.0 and m["clm_steps_to_clm_final"] == 20.0 and m["speedup"] == 2.0
     acc = rep["tasks"]["arc_easy"]["acc"]
     assert acc["higher_is_better"] and acc["slm_steps_to_clm_final"] is None
     assert rep["phase_seconds"] == {"clm": 12.0} and rep["tokens_per_step"] == 1024
-    assert "| 10 | 1.0000 | 0.9000 | 0.8000 |" in md and "at step 10.0 (2.0x fewer steps" in md
+    assert "| 10 | 1.0000 | 0.9000 | 0.8000 |" in md and "at step 10.0, CLM at step 20.0 (2.0x fewer steps" in md
     assert not acc["clm_improved_on_base"] or acc["slm_steps_to_clm_final"] is None
     for name in rep["plots"]:
         assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name})" in md
