@@ -7,8 +7,8 @@ step 0; the speed-up against the step at which CLM itself first reaches it); wri
     python bench/recipe_sweep.py DIR --ratio 0.4 0.8 [--variant soft=slm.weighting=soft,slm.temperature=0.5]
         [--ref-steps 120]
 
-`--ref-steps N`: another reference, the recipe's reference run with N steps (DIR/sweep/ref_N/, exported to
-DIR/sweep/ref_N/hf), then SLM at the recipe's settings with it (variant `ref_N`).
+`--ref-steps N`: another reference, the recipe's reference run with N steps (DIR/sweep/reference_N/, exported to
+DIR/sweep/reference_N/hf), then SLM at the recipe's settings with it (variant `ref_N`).
 
 Only SLM-side keys belong in a variant (slm.*, reference.*): the CLM baseline is reused, so a change that CLM would
 see too (the learning rate, the steps) would not be compared like for like.
@@ -49,8 +49,8 @@ def _nproc(root: Path) -> int:
 
 
 def train_reference(root: Path, steps: int) -> str:
-    """The recipe's reference run with `steps` steps, in DIR/sweep/ref_STEPS; its exported HF directory."""
-    out = root / "sweep" / f"ref_{steps}"
+    """The recipe's reference run with `steps` steps, in DIR/sweep/reference_STEPS; its exported HF directory."""
+    out = root / "sweep" / f"reference_{steps}"
     if not (out / "hf" / "config.json").exists():
         cfg = yaml.safe_load((root / "reference.yaml").read_text())
         cfg["run"].update({"dir": str(out / "run"), "name": f"reference-{steps}"})
