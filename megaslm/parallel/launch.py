@@ -5,15 +5,22 @@ raises ChildFailedError and prints a Python traceback plus a framed failure repo
 of the launcher. Here the same launch runs (torch.distributed.run's own argument parser and `run`), and a failed
 worker ends in one line naming the first rank that failed and its exit code; this process exits with that code.
 The worker's own output, its error line included, is untouched.
+
+A Ctrl-C (or SIGTERM) that reaches this launcher makes torchrun's agent pass the signal to the workers (which finish
+the step, save and stop) and then raise SignalException, with a traceback; here it ends in one line and exit code
+128 + the signal, as a shell reports it. The agent gives the workers 30 s before SIGKILL (torch's default): a
+save that takes longer is cut off, and the run resumes from its last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -30,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megaslm: `{' '.join([prog, *args.training_script_args])}` stopped: rank {rank} ended with {how} "
               "(its output above says why)", file=sys.stderr, flush=True)
         return code
+    except SignalException as e:
+        sig = signal.Signals(e.sigval)
+        print(f"megaslm: stopped by {sig.name}: passed to the ranks, which save a checkpoint at the end of their step "
+              "and stop (run the same command again to resume)", file=sys.stderr, flush=True)
+        return 128 + int(sig)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

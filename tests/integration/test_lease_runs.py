@@ -246,6 +246,26 @@ def test_ctrl_c_on_one_of_two_ranks_stops_both_at_that_step(tmp_path, tiny_data,
     assert_resumed_exactly(run, plain[1])
 
 
+def test_ctrl_c_on_megaslms_launcher_saves_and_ends_in_one_line(tmp_path, tiny_data):
+    """A terminal's Ctrl-C reaches the launcher (the ranks run in sessions of their own): torchrun's agent passes it
+    on and raised SignalException with a traceback; megaslm.parallel.launch ends in one line, exit 130."""
+    from megaslm.parallel.dist import free_port
+
+    run = tmp_path / "run"
+    cfg = str(write_config(tmp_path / "c.yaml", config(run, tiny_data, save_every=0, steps=200)))
+    proc = subprocess.Popen([sys.executable, "-m", "megaslm.parallel.launch", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "-m", "megaslm.cli", "train", cfg], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for(lambda: steps_logged(run) >= 2, proc, "step 2")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("megaslm: stopped by SIGINT: passed to the ranks, which save a checkpoint "
+                                            "at the end of their step and stop (run the same command again to resume)")
+    saved = re.findall(r"stop signal received: checkpoint saved at step (\d+)", out)
+    assert saved and tags(run) == [f"step_{int(saved[0]):08d}"], out[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- before a run dir
 def test_wrong_kind_of_path_names_the_key_and_the_file_and_creates_no_run_dir(tmp_path, tiny_data):
     run = tmp_path / "run"
