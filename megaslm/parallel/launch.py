@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     # torchrun's agent logs the same failure at ERROR level, with pids and its own file:line: the line below says it.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # (and its "Received 2 death signal" warning on a Ctrl-C). Some of its loggers carry a level of their own, which
+    # the parent's does not override: set each.
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     patch_agent_grace()
     try:

@@ -260,6 +260,7 @@ def test_ctrl_c_on_megaslms_launcher_saves_and_ends_in_one_line(tmp_path, tiny_d
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err[-3000:]
+    assert "death signal" not in err, err[-3000:]  # torchrun's agent's own warning
     assert err.strip().splitlines()[-1] == ("megaslm: stopped by SIGINT: passed to the ranks, which save a checkpoint "
                                             "at the end of their step and stop (run the same command again to resume)")
     saved = re.findall(r"stop signal received: checkpoint saved at step (\d+)", out)
