@@ -53,17 +53,20 @@ def steps_to_reach(curve: list[list[float]], base: float | None, target: float, 
     return None
 
 
+def improved_on_base(clm: list[list[float]], base: float | None, higher: bool) -> bool:
+    """CLM's final is better than the base (or there is no base figure); else the base "reaches" it at step 0."""
+    return bool(clm) and (base is None or (clm[-1][1] > base if higher else clm[-1][1] < base))
+
+
 def speedup(clm: list[list[float]], slm: list[list[float]], base: float | None,
             higher: bool) -> tuple[float | None, float | None, float | None]:
     """(SLM's steps to CLM's final, CLM's own steps to it, their ratio) by `steps_to_reach`; all None when either
     curve is empty or CLM's final is no better than the base (the base "reaches" it at step 0: nothing to measure).
     CLM's own step is its first reach of its final, not its last step, so that a CLM curve that dipped below its
     final and came back does not count as a speed-up for SLM."""
-    if not clm or not slm:
+    if not slm or not improved_on_base(clm, base, higher):
         return None, None, None
     target = clm[-1][1]
-    if base is not None and not (target > base if higher else target < base):
-        return None, None, None
     s, c = steps_to_reach(slm, base, target, higher), steps_to_reach(clm, base, target, higher)
     return s, c, (c / s if s else None)
 
@@ -79,10 +82,8 @@ def task_table(root: Path) -> dict:
             higher = metric in HIGHER_IS_BETTER
             row = {"base": b, "clm": clm, "slm": slm, "higher_is_better": higher,
                    "clm_final": clm[-1][1] if clm else None, "slm_final": slm[-1][1] if slm else None}
-            # CLM's final no better than the base: the base "reaches" it at step 0, which measures nothing
-            gained = clm and (b is None or (row["clm_final"] > b if higher else row["clm_final"] < b))
             reach, own, ratio = speedup(clm, slm, b, higher)
-            row["clm_improved_on_base"] = bool(gained)
+            row["clm_improved_on_base"] = improved_on_base(clm, b, higher)
             row["slm_steps_to_clm_final"] = None if reach is None else round(reach, 1)
             row["clm_steps_to_clm_final"] = None if own is None else round(own, 1)
             row["speedup"] = None if ratio is None else round(ratio, 2)
