@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from megaslm import run_files
 from megaslm.atomic import umask
 from megaslm.errors import UserError
 from megaslm.export_dest import MANIFEST, check_destination, place, written_files
@@ -59,9 +60,7 @@ def consolidated_state_dict(ckpt_root: Path, tag: str, run_dir: Path | None = No
 
 
 def find_tokenizer(run_dir: Path) -> str | None:
-    import yaml
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = run_files.run_config(run_dir)
     tok = cfg.get("data", {}).get("tokenizer")
     if tok:
         return tok
@@ -114,8 +113,8 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     checkpoint's fp32 master precision, on the CPU."""
     run = Path(run_dir)
     ckpt_root = run / "checkpoints"
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run}: not a megaslm run directory (no config.yaml)")
+    if not (run / run_files.CONFIG).is_file():
+        raise UserError(f"{run}: not a megaslm run directory (no {run_files.CONFIG})")
     tag = verified_tag(ckpt_root, tag)
     hf_cfg = AutoConfig.from_pretrained(run / "hf_config", local_files_only=True)
     try:
@@ -152,7 +151,7 @@ def export(run_dir: str, out: str, tag: str | None = None, force: bool = False) 
     dest = Path(out)
     check_destination(dest, force)  # before the minutes of consolidation
     model, tag = load_run_model(run, tag)
-    info = json.loads((run / "run_info.json").read_text())
+    info = run_files.run_info(run) or {}
     dtype = getattr(torch, info.get("dtype", "float32"))
     model = model.to(dtype)
 

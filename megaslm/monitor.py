@@ -18,6 +18,8 @@ import uuid
 from collections import deque
 from pathlib import Path
 
+from megaslm import run_files
+
 # Dense bf16 peak TFLOP/s per device, for the MFU estimate (override with train.peak_tflops).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "V100": 125.0}
 
@@ -84,7 +86,7 @@ class Monitor:
     def __init__(self, run_dir: str, cfg, enabled: bool, resume_step: int, run_config: dict):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.path = self.run_dir / run_files.METRICS
         self.wandb = None
         self.t0 = time.time()
         if not enabled:

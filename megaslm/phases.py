@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from megaslm import run_files
 from megaslm.atomic import write_json
 from megaslm.errors import UserError
 from megaslm.monitor import hms
@@ -57,7 +58,7 @@ def train(cfg: dict, path: Path, nproc: int = 2) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return run_files.metrics(run_dir)
 
 
 def differences(old: dict, new: dict) -> str:

@@ -267,7 +267,7 @@ def render(name: str, p: dict) -> str:
         f"{', optimizer offload' if p['offload_optimizer'] else ''}{', param offload' if p['offload_param'] else ''}",
         f"memory per device: {_gib(p['memory_total_bytes'])} of {hw['gpu_memory_gib']:g} GiB"
         f"{'' if p['fits'] else '  <-- does not fit'}",
-        f"  model states (weights, grads, Adam)".ljust(46) + f"{_gib(mem['model_states'])}",
+        "  model states (weights, grads, Adam)".ljust(46) + f"{_gib(mem['model_states'])}",
         f"  reference ({ref['placement'] if ref else 'none'})".ljust(46) + f"{_gib(mem['reference'])}",
         f"  activations (checkpointing {'on' if p['activation_checkpointing'] else 'off'})".ljust(46)
         + f"{_gib(mem['activations'])}   [{p['micro_batch_tokens']} tokens; checkpointing off "

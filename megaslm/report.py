@@ -21,26 +21,16 @@ import json
 import math
 from pathlib import Path
 
-import yaml
-
+from megaslm import run_files
 from megaslm.analyze.media import log_media
 from megaslm.atomic import write_bytes, write_json, write_text
-from megaslm.errors import UserError
 
 
 def read_run(run_dir: str) -> dict:
     run = Path(run_dir)
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run}: no metrics.jsonl (is it a megaslm run directory?)")
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    return {"dir": run, "name": run.name, "records": recs, "config": cfg or {}, "sources": _sources(cfg or {})}
+    recs = run_files.metrics(run)
+    cfg = run_files.saved_config(run) or {}
+    return {"dir": run, "name": run.name, "records": recs, "config": cfg, "sources": _sources(cfg)}
 
 
 def _sources(cfg: dict) -> list[str]:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
+from megaslm import run_files
 from megaslm.analyze.documents import token_stream
 from megaslm.analyze.media import log_media
 from megaslm.analyze.scoring import load_scorer, pick_device, release, run_tokenizer, score_windows
@@ -153,7 +153,7 @@ def analyze_dynamics(run_dir: str, data: list[str], out: str, *, reference: str 
     if n_tokens < 1:
         raise UserError(f"--tokens must be >= 1, got {n_tokens}")
     tags = kept_checkpoints(run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = run_files.run_config(run)
     hf = json.loads((run / "hf_config" / "config.json").read_text())
     tok = run_tokenizer(run)
     eos = tok.eos_id if tok else int(hf["eos_token_id"])

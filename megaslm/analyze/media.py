@@ -14,15 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
+from megaslm import run_files
+
 
 
 def _wandb_settings(run_dir: Path) -> dict | None:
     id_file = run_dir / "wandb_id"
     if not id_file.is_file():
         return None
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    w = (cfg or {}).get("wandb") or {}
+    w = (run_files.saved_config(run_dir) or {}).get("wandb") or {}
     mode = os.environ.get("WANDB_MODE") or w.get("mode", "offline")
     if mode in ("disabled", "offline"):
         return None

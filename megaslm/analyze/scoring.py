@@ -22,6 +22,7 @@ import torch
 from megaslm.data.tokenizer import Tokenizer, load_tokenizer
 from megaslm.errors import UserError
 from megaslm.model.build import TokenLossModel
+from megaslm.run_files import is_run_dir
 
 IGNORE_INDEX = -100
 
@@ -40,8 +41,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
 
 
 def run_tokenizer(run_dir: Path) -> Tokenizer | None:

@@ -73,7 +73,8 @@ def format_table(tasks: dict[str, dict]) -> str:
 
 def load_model(spec: str, tag: str | None, device=None):
     """(lm, tokenizer, run_dir or None, tag or None) for an export or a run directory."""
-    from megaslm.analyze.scoring import is_run_dir, load_scorer
+    from megaslm.analyze.scoring import load_scorer
+    from megaslm.run_files import is_run_dir
 
     if tag is not None and not is_run_dir(spec):
         raise UserError(f"--tag {tag}: {spec} is not a megaslm run directory (--tag picks a run's checkpoint)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from megaslm import run_files
 from megaslm.atomic import write_json
 from megaslm.config import Config, dump_config, first_train_path, resolve_path, train_components, valid_sets
 from megaslm.data.loader import PackedLoader
@@ -162,8 +163,8 @@ def build_model(cfg: Config, data: Data, groups: ParallelGroups, ds_base: dict, 
 def write_run_files(run_dir: Path, cfg: Config, run_info: dict, model: Model) -> None:
     """Rank 0: the resolved config, run_info.json, the DeepSpeed config, the TP layout and the HF config."""
     run_dir.mkdir(parents=True, exist_ok=True)  # made by the lease under `megaslm train`; not by a Trainer alone
-    dump_config(cfg, run_dir / "config.yaml")
-    write_json(run_dir / "run_info.json", run_info)
+    dump_config(cfg, run_dir / run_files.CONFIG)
+    write_json(run_dir / run_files.RUN_INFO, run_info)
     write_json(run_dir / "ds_config.json", model.ds_config)
     if model.tp_layout is not None:
         tp.write_layout(run_dir, model.tp_layout)

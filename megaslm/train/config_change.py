@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from megaslm.run_files import CONFIG, saved_config
+
 _SIZE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
                    r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
 _KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: ((?:\"[\w.]+\"(?:, )?)+)")
@@ -40,7 +42,7 @@ def model_mismatch(e: BaseException) -> str | None:
 def group_layout_change(run_dir: Path, config: dict | None) -> str | None:
     """Why the optimizer state cannot load when train.weight_decay crossed 0 since the run that saved it (one
     parameter group without decay, two with: megaslm/train/build.py param_groups); None otherwise."""
-    old = ((saved_config(run_dir / "config.yaml") or {}).get("train") or {}).get("weight_decay")
+    old = ((saved_config(run_dir) or {}).get("train") or {}).get("weight_decay")
     new = ((config or {}).get("train") or {}).get("weight_decay")
     if old is None or new is None:
         return None
@@ -51,20 +53,9 @@ def group_layout_change(run_dir: Path, config: dict | None) -> str | None:
             f"{groups_now} (train.weight_decay {new}; 0 means one group, any other value two: decay and no decay)")
 
 
-def saved_config(saved: Path) -> dict | None:
-    """The config.yaml the old run saved, as a dict (None when it is missing or unreadable)."""
-    import yaml
-
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    return old if isinstance(old, dict) else None
-
-
-def _config_differences(saved: Path, config: dict | None, limit: int = 4) -> str:
+def _config_differences(run_dir: Path, config: dict | None, limit: int = 4) -> str:
     """'key a -> b, ...' between the config saved with the old run and this run's, or '' if either is missing."""
-    old = saved_config(saved)
+    old = saved_config(run_dir)
     if config is None or old is None:
         return ""
 
@@ -84,8 +75,8 @@ def _config_differences(saved: Path, config: dict | None, limit: int = 4) -> str
 
 def other_config_message(ckpt_root: Path, tag: str, what: str, config: dict | None) -> str:
     run_dir = Path(ckpt_root).parent
-    saved = run_dir / "config.yaml"
-    diffs = _config_differences(saved, config)
+    saved = run_dir / CONFIG
+    diffs = _config_differences(run_dir, config)
     then = f"; that config -> this one: {diffs}" if diffs else ""
     return (f"checkpoint {tag} in {ckpt_root} belongs to another configuration, not to this one (it is not "
             f"damaged): {what}. It was written by the run configured in {saved}{then}. Set train.resume_from=none "
@@ -131,14 +122,13 @@ def check_resume_config(run_dir: Path, config: dict) -> list[str]:
     ('train.lr 0.001 -> 0.003'; none when the run directory has no readable config.yaml)."""
     from megaslm.errors import UserError
 
-    saved_path = Path(run_dir) / "config.yaml"
-    saved = saved_config(saved_path)
+    saved = saved_config(run_dir)
     if saved is None:
         return []
     changed, fixed = resume_changes(saved, config)
     if fixed:
         raise UserError(f"cannot resume {run_dir} under another {'/'.join(f.split()[0] for f in fixed)}: "
-                        f"{', '.join(fixed)} (since {saved_path}); these fix what its checkpoints mean. Set "
+                        f"{', '.join(fixed)} (since {Path(run_dir) / CONFIG}); these fix what its checkpoints mean. Set "
                         f"train.resume_from=none to start over there, or a new run.dir")
     return changed
 

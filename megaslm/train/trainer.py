@@ -11,7 +11,6 @@ Re-running the same command resumes from the latest complete checkpoint in the r
 
 from __future__ import annotations
 
-import json
 
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megaslm import run_files
 from megaslm.callbacks import Callback, StateRegistry
 from megaslm.config import Config
 from megaslm.data.loader import model_inputs
@@ -136,9 +136,9 @@ class Trainer:
         """run_info's record of the steps at which the optimizer step's batch changed (earlier launches' too);
         a change made by this resume is said in one line."""
         before = []
-        info = self.run_dir / "run_info.json"
-        if resumed and info.is_file():
-            before = [c for c in json.loads(info.read_text()).get("step_batch_changes", []) if c["step"] <= self.step]
+        info = run_files.run_info(self.run_dir) if resumed else None
+        if info:
+            before = [c for c in info.get("step_batch_changes", []) if c["step"] <= self.step]
         change = self.loader.step_batch_change if resumed else None
         if change:
             self._say(f"megaslm: the optimizer step's batch changes from {change[0]} to {change[1]} sequences "
