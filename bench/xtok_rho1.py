@@ -139,6 +139,7 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ref-steps", type=int, default=0, help="fine-tune the reference on the clean split first")
+    p.add_argument("--ref-lr", type=float, default=3e-4, help="the peak learning rate of that fine-tune")
     p.add_argument("--tiny-reference", type=int, default=0, metavar="STEPS",
                    help="instead of SmolLM2: a tiny Llama with a tokenizer of its own (2000 SentencePiece pieces on "
                         "the clean split), trained STEPS steps on the clean split: a reference of the trained model's "
@@ -220,7 +221,7 @@ def main() -> int:
         base = ref
         phase(f"reference: {base} fine-tuned {a.ref_steps} steps on the clean split", out / "reference_hf",
               lambda: train_reference(base, {"init_from": base}, steps=a.ref_steps, seq_len=256, micro_batch_size=2,
-                                      lr=3e-4, warmup_steps=3))
+                                      lr=a.ref_lr, warmup_steps=3))
         ref = str(out / "reference_hf")
     cache = out / "ref_cache"
 
@@ -246,7 +247,8 @@ def main() -> int:
     exact = all(r["n_selected"] == math.ceil(a.ratio * r.get("n_valid", per_step)) for r in train_rows)
     final_c, final_s = vc[max(vc)], vs[max(vs)]
     reach, _, ratio = speedup(sorted(vc.items()), sorted(vs.items()), None, higher=False)
-    res = {"reference": ref, "ref_steps": a.ref_steps, "tiny_reference": a.tiny_reference, "steps": a.steps,
+    res = {"reference": ref, "ref_steps": a.ref_steps, "ref_lr": a.ref_lr, "tiny_reference": a.tiny_reference,
+           "steps": a.steps,
            "width": a.width or 128, "layers": a.layers, "lr": a.lr,
            "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
            "selected_frac": [r.get("selected_frac") for r in train_rows],
