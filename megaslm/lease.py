@@ -82,6 +82,18 @@ def read_lease(path: Path) -> dict | None:
     return rec if isinstance(rec, dict) else {}
 
 
+GAP_WAIT_S = 2.0  # how long a holder that finds no lease file waits for a taker's lease to appear
+
+
+def read_taker(path: Path) -> dict | None:
+    """The lease at `path` as a holder that lost it reads it: a taker first renames the old lease aside and then
+    creates its own, so a file missing for a moment is looked at again (for up to GAP_WAIT_S) to name the taker."""
+    deadline = time.monotonic() + GAP_WAIT_S
+    while (rec := read_lease(path)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return rec
+
+
 def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
@@ -195,7 +207,7 @@ class Lease:
         cur = read_lease(self.path)
         if cur and cur.get("token") == self.token:
             return True
-        self._mark_lost(cur)
+        self._mark_lost(read_taker(self.path) if cur is None else cur)
         return False
 
     def _mark_lost(self, cur: dict | None) -> None:
@@ -266,7 +278,7 @@ class Lease:
                           flush=True)
                     continue
                 if not ok and self.held:
-                    self._mark_lost(read_lease(self.path))  # may be between a taker's rename and create: absent
+                    self._mark_lost(read_taker(self.path))
                     return
 
         self._thread = threading.Thread(target=beat, name="megaslm-lease", daemon=True)

@@ -105,6 +105,22 @@ def test_heartbeat_refreshes_and_stops_when_taken_over(tmp_path, capsys):
     b.release()
 
 
+def test_a_holder_that_reads_in_a_takers_gap_names_the_taker(tmp_path):
+    """A takeover renames the old lease aside, then creates its own: a holder that looks in between finds no file,
+    and must wait for the taker's lease rather than report "the lease file is gone"."""
+    a = L.Lease(tmp_path / L.LEASE_FILE, "run directory R")
+    a.acquire()
+    b = L.Lease(a.path, "run directory R")
+    os.rename(a.path, tmp_path / "aside")  # the taker's first half
+    t = threading.Timer(0.2, b._create)  # ... and its second, while `a` is already looking
+    t.start()
+    assert not a.verify()
+    t.join()
+    assert a.lost and a.lost_to is not None and a.lost_to["token"] == b.token
+    b.held = True
+    b.release()
+
+
 def test_the_fence_rereads_the_lease_file(tmp_path, monkeypatch):
     """still_holding() (before every write to the run directory) compares the file's token with this launch's;
     holding() (every step) only reads the flag the heartbeat or a check set."""
