@@ -135,6 +135,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--noisy-bytes", type=int, default=500_000)
+    p.add_argument("--noise-fraction", type=float, default=0.5,
+                   help="the noise's share of --noisy-bytes; the clean splits are the same documents for any "
+                        "values with equal --clean-bytes and --noisy-bytes x (1 - fraction), so one fine-tuned "
+                        "reference (--reference) serves them all without contamination")
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--ratio", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
@@ -175,7 +179,8 @@ def main() -> int:
 
     corpus = out / "corpus"
     phase("corpora", corpus / "clean_valid.jsonl",
-          lambda: build_demo_corpora(str(corpus), a.clean_bytes, a.noisy_bytes, 100_000, seed=a.seed))
+          lambda: build_demo_corpora(str(corpus), a.clean_bytes, a.noisy_bytes, 100_000, seed=a.seed,
+                                     noise_fraction=a.noise_fraction))
     noisy = [str(corpus / "noisy_train_clean.jsonl"), str(corpus / "noisy_train_noise.jsonl")]
     phase("tokenizer", out / "tokenizer", lambda: megaslm("tokenizer", "train", "--input", *noisy, "--vocab-size",
                                                            str(a.vocab), "--out", str(out / "tokenizer")))
@@ -250,7 +255,7 @@ def main() -> int:
     res = {"reference": ref, "ref_steps": a.ref_steps, "ref_lr": a.ref_lr, "tiny_reference": a.tiny_reference,
            "steps": a.steps,
            "width": a.width or 128, "layers": a.layers, "lr": a.lr,
-           "ratio": a.ratio, "seed": a.seed, "val_loss": {"clm": vc, "slm": vs},
+           "ratio": a.ratio, "seed": a.seed, "noise_fraction": a.noise_fraction, "val_loss": {"clm": vc, "slm": vs},
            "selected_frac": [r.get("selected_frac") for r in train_rows],
            "n_selected_exact": exact,
            # sources in `prepare`'s input order: 0 the clean prose of the noisy mix, 1 the noise
