@@ -8,6 +8,11 @@ top-`ratio` selection would keep, on a sample of training sequences, ranked by:
   spans where both tokenizations cut (a word split differently by the two), shared equally by that span's tokens;
   it tells whether the per-byte split of straddling reference tokens (docs/score.md) changes the selection.
 
+With another tokenizer and `--model`, a second table gives the kept share by a token's place in its aligned group
+(alone in it; the first of a group of several; a later one) and the mean losses there: whether the per-byte split
+of a straddling reference token, which gives each part a share in proportion to its bytes, tilts the selection
+toward word starts or away from them.
+
 A reference helps SLM on a corpus only as far as `-reference` and `excess` keep more of the wanted source than
 `model` does. Reference losses come from a `megaslm score` cache (`--cache`) or are computed here on the sample
 (`--reference`, the same path as training: CrossTokenizerReference for another tokenizer), so a candidate
@@ -106,6 +111,11 @@ def main() -> int:
                           + r * (a.seq_len + 2) for r in range(len(seqs))])
             _, inv, cnt = np.unique(g.reshape(-1), return_inverse=True, return_counts=True)
             rows["excess per aligned group"] = (np.bincount(inv, weights=ex.reshape(-1)) / cnt)[inv].reshape(ex.shape)
+            size = cnt[inv].reshape(g.shape)
+            first = np.ones_like(g, bool)
+            first[:, 1:] = g[:, 1:] != g[:, :-1]
+            places = {"alone in its group": size == 1, "first of a group": (size > 1) & first,
+                      "later in a group": (size > 1) & ~first}
     valid = batch["labels"].numpy() != -100
     source = batch["source"].numpy()[valid]
     names = shards.sources
@@ -116,6 +126,16 @@ def main() -> int:
     for name, score in rows.items():
         sel = kept(score[valid], a.ratio)
         print(f"{name:<26}" + "".join(f"{sel[source == s].mean():>26.3f}" for s in range(len(names))))
+    if a.model and pair:
+        print(f"\n{'by place in the group':<26}{'share':>8}{'model':>8}{'ref':>8}" + "".join(
+            f"{n:>12}" for n in ("kept:model", "kept:excess", "kept:group")))
+        sel = {n: np.zeros_like(valid) for n in ("model", "excess", "excess per aligned group")}
+        for n in sel:
+            sel[n][valid] = kept(rows[n][valid], a.ratio)
+        for place, m in places.items():
+            m = m & valid
+            print(f"{place:<26}{m.sum() / valid.sum():>8.3f}{own[m].mean():>8.3f}{ref[m].mean():>8.3f}" + "".join(
+                f"{sel[n][m].mean():>12.3f}" for n in sel))
     return 0
 
 
