@@ -123,19 +123,17 @@ def main() -> int:
           f"({'another tokenizer' if pair else 'same tokenizer'}); ratio {a.ratio}; {time.time() - t0:.0f} s")
     print(f"{'ranked by':<26}" + "".join(f"{n.split('/')[-1][:24]:>26}" for n in names))
     print(f"{'(share of tokens)':<26}" + "".join(f"{(source == s).mean():>26.3f}" for s in range(len(names))))
+    sel = {}  # name: which valid tokens its ranking keeps
     for name, score in rows.items():
-        sel = kept(score[valid], a.ratio)
-        print(f"{name:<26}" + "".join(f"{sel[source == s].mean():>26.3f}" for s in range(len(names))))
+        sel[name] = kept(score[valid], a.ratio)
+        print(f"{name:<26}" + "".join(f"{sel[name][source == s].mean():>26.3f}" for s in range(len(names))))
     if a.model and pair:
         print(f"\n{'by place in the group':<26}{'share':>8}{'model':>8}{'ref':>8}" + "".join(
             f"{n:>12}" for n in ("kept:model", "kept:excess", "kept:group")))
-        sel = {n: np.zeros_like(valid) for n in ("model", "excess", "excess per aligned group")}
-        for n in sel:
-            sel[n][valid] = kept(rows[n][valid], a.ratio)
         for place, m in places.items():
-            m = m & valid
-            print(f"{place:<26}{m.sum() / valid.sum():>8.3f}{own[m].mean():>8.3f}{ref[m].mean():>8.3f}" + "".join(
-                f"{sel[n][m].mean():>12.3f}" for n in sel))
+            mv = m[valid]
+            print(f"{place:<26}{mv.mean():>8.3f}{own[m & valid].mean():>8.3f}{ref[m & valid].mean():>8.3f}" + "".join(
+                f"{sel[n][mv].mean():>12.3f}" for n in ("model", "excess", "excess per aligned group")))
     return 0
 
 

@@ -207,11 +207,13 @@ class Lease:
         cur = read_lease(self.path)
         if cur and cur.get("token") == self.token:
             return True
-        self._mark_lost(read_taker(self.path) if cur is None else cur)
+        self._mark_lost(cur)
         return False
 
-    def _mark_lost(self, cur: dict | None) -> None:
-        self.lost_to = cur or None
+    def _mark_lost(self, cur: dict | None = None) -> None:
+        """Record the lease as lost to `cur`, the file as read; None (no file, or not read) is looked at again, since
+        it may be a taker's moment between moving the old lease aside and creating its own."""
+        self.lost_to = (read_taker(self.path) if cur is None else cur) or None
         self.held = False
         self.lost = True
 
@@ -278,7 +280,7 @@ class Lease:
                           flush=True)
                     continue
                 if not ok and self.held:
-                    self._mark_lost(read_taker(self.path))
+                    self._mark_lost()
                     return
 
         self._thread = threading.Thread(target=beat, name="megaslm-lease", daemon=True)
